@@ -1,0 +1,146 @@
+"""The ``fastgen`` command line: generate one image or video, list models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fastgen.errors import FastgenError, InvalidRequest
+from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS
+from fastgen.settings import Settings
+
+FORMAT_BY_SUFFIX = {".jpg": "jpeg", **{f".{fmt}": fmt for fmt in IMAGE_FORMATS + VIDEO_FORMATS}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+        return args.command(args, settings)
+    except InvalidRequest as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FastgenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # bad FASTGEN_* settings
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgen", description="Fast diffusion image and video generation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate one image or video", description="Generate one output.")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", type=Path, help="file to write (format from its suffix); default: ./<id>.<fmt>")
+    gen.add_argument(
+        "-m", "--model", help="model name, local pipeline directory or hub id (default: FASTGEN_DEFAULT_MODEL)"
+    )
+    gen.add_argument("-n", "--negative-prompt", default="")
+    gen.add_argument("-W", "--width", type=int)
+    gen.add_argument("-H", "--height", type=int)
+    gen.add_argument("-s", "--steps", type=int)
+    gen.add_argument("-g", "--guidance", type=float)
+    gen.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
+    gen.add_argument("--frames", type=int, dest="num_frames", help="video models: number of frames")
+    gen.add_argument("--fps", type=int, help="video models: frames per second")
+    gen.add_argument("-f", "--format", dest="output_format", choices=IMAGE_FORMATS + VIDEO_FORMATS)
+    gen.add_argument("--fuse-qkv", action="store_true", help="accelerate: fuse attention Q/K/V projections")
+    gen.add_argument("--json", action="store_true", help="print the result metadata as JSON")
+    gen.set_defaults(command=generate)
+
+    models = commands.add_parser("models", help="list the built-in models and their capabilities")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(command=list_models)
+    return parser
+
+
+def generate(args: argparse.Namespace, settings: Settings) -> int:
+    from fastgen.artifacts import encode
+    from fastgen.engine import Engine
+
+    request = request_from_args(args)
+    generation = Engine(settings).run(request, on_step=ProgressBar())
+    result = generation.result
+    (_, data), *_ = encode(generation)
+    output = args.output or Path(f"{result.id}.{result.output_format}")
+    output.write_bytes(data)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        print(
+            f"{output}  model={result.model} seed={result.seed} {result.width}x{result.height} "
+            f"steps={result.steps} {result.timings.total_s:.2f}s"
+        )
+    return 0
+
+
+def request_from_args(args: argparse.Namespace) -> dict:
+    fields = (
+        "prompt",
+        "negative_prompt",
+        "model",
+        "width",
+        "height",
+        "steps",
+        "guidance",
+        "seed",
+        "num_frames",
+        "fps",
+        "output_format",
+    )
+    request = {name: getattr(args, name) for name in fields if getattr(args, name) not in (None, "")}
+    if args.output is not None and "output_format" not in request:
+        suffix = args.output.suffix.lower()
+        if suffix not in FORMAT_BY_SUFFIX:
+            raise InvalidRequest.one(
+                "output", f"unknown file type {suffix or '(none)'}; use one of {', '.join(sorted(FORMAT_BY_SUFFIX))}"
+            )
+        request["output_format"] = FORMAT_BY_SUFFIX[suffix]
+    request["accelerate"] = {"fuse_qkv": args.fuse_qkv}
+    return request
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, width: int = 30, stream=sys.stderr):
+        self.width, self.stream = width, stream
+
+    def __call__(self, progress) -> None:
+        filled = round(self.width * progress.fraction)
+        bar = "#" * filled + "-" * (self.width - filled)
+        end = "\n" if progress.step >= progress.total else ""
+        self.stream.write(f"\r[{bar}] step {progress.step}/{progress.total}  ETA {progress.eta_s:5.1f}s{end}")
+        self.stream.flush()
+
+
+def list_models(args: argparse.Namespace, settings: Settings) -> int:
+    from fastgen.models.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.model_dir)
+    capabilities = [registry.resolve(name).capabilities() for name in registry.names()]
+    if args.json:
+        print(json.dumps(capabilities, indent=2))
+        return 0
+    for cap in capabilities:
+        d = cap["defaults"]
+        size = f"{d['width']}x{d['height']}" + (f"x{d['num_frames']}f" if cap["kind"] == "video" else "")
+        default = " (default)" if cap["name"] == settings.default_model else ""
+        print(
+            f"{cap['name']:<14} {cap['kind']:<6} {cap['architecture']:<5} {size:<12} "
+            f"accelerations: {', '.join(cap['accelerations']) or '-'}{default}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

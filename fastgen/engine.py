@@ -1,0 +1,257 @@
+"""The generation engine: a warm pipeline per model, one request at a time per pipeline.
+
+``Engine.run`` takes a validated request, fills the model's defaults, attaches the accelerators
+the request asks for, calls the ordinary diffusers pipeline and detaches them again in
+try/finally, so the pool's pipelines are always clean between requests. The step callback is the
+one place where progress is reported and cancellation is honoured (between denoising steps).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastgen.accelerators import ACCELERATORS, Accelerator, attach
+from fastgen.errors import Cancelled, ModelLoadError
+from fastgen.models.registry import ModelRegistry, ModelSpec
+from fastgen.request import GenerationRequest, GenerationResult, Timings, parse_request
+from fastgen.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after every denoising step."""
+
+    step: int
+    total: int
+    elapsed_s: float
+    eta_s: float
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 1.0
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+StepCallback = Callable[[Progress], None]
+
+
+@dataclass
+class Generation:
+    """A finished run: its metadata and its pixels (images, or the frames of one video)."""
+
+    result: GenerationResult
+    images: list[Image.Image] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)  # uint8 HxWx3, video models only
+
+
+@dataclass
+class LoadedPipeline:
+    spec: ModelSpec
+    pipe: Any
+    load_s: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class PipelinePool:
+    """Loads each model once per process and keeps it warm."""
+
+    def __init__(self, registry: ModelRegistry, device: torch.device, dtype: torch.dtype):
+        self.registry, self.device, self.dtype = registry, device, dtype
+        self._loaded: dict[str, LoadedPipeline] = {}
+        self._lock = threading.Lock()
+        self._model_locks: dict[str, threading.Lock] = {}
+
+    def get(self, spec: ModelSpec) -> tuple[LoadedPipeline, float]:
+        """The warm pipeline and how long this call spent loading it (0 when it was warm)."""
+        with self._lock:
+            model_lock = self._model_locks.setdefault(spec.name, threading.Lock())
+        with model_lock:
+            if spec.name in self._loaded:
+                return self._loaded[spec.name], 0.0
+            start = time.perf_counter()
+            loaded = LoadedPipeline(spec, self._load(spec), 0.0)
+            loaded.load_s = time.perf_counter() - start
+            self._loaded[spec.name] = loaded
+            logger.info("loaded %s on %s in %.2fs", spec.name, self.device, loaded.load_s)
+            return loaded, loaded.load_s
+
+    def _load(self, spec: ModelSpec):
+        from diffusers import DiffusionPipeline
+
+        source = self.registry.source(spec)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=self.dtype, local_files_only=spec.builtin)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load model {spec.name!r} from {source}: {exc}") from exc
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        use_fast_attention(pipe, self.device)
+        return pipe
+
+
+def use_fast_attention(pipe, device: torch.device) -> None:
+    """xformers' memory-efficient attention on CUDA when installed; PyTorch SDPA (the default) elsewhere."""
+    if device.type != "cuda":
+        return
+    try:
+        import xformers  # noqa: F401
+
+        pipe.enable_xformers_memory_efficient_attention()
+        logger.info("using xformers memory-efficient attention")
+    except Exception as exc:  # missing or built for another torch: SDPA is a fine fallback
+        logger.info("xformers unavailable (%s); using PyTorch SDPA", exc)
+
+
+class StepMonitor:
+    """The pipeline's ``callback_on_step_end``: progress, ETA, cooperative cancellation."""
+
+    def __init__(self, total: int, on_step: StepCallback | None, cancel: CancelFlag | None):
+        self.total, self.on_step, self.cancel = total, on_step, cancel
+        self.start = time.perf_counter()
+        self.last_step_at = self.start
+        self.steps_done = 0
+
+    def __call__(self, pipe, index: int, timestep, callback_kwargs: dict) -> dict:
+        self.steps_done = index + 1
+        self.total = getattr(pipe, "_num_timesteps", None) or self.total
+        self.last_step_at = time.perf_counter()
+        elapsed = self.last_step_at - self.start
+        eta = elapsed / self.steps_done * (self.total - self.steps_done)
+        if self.on_step is not None:
+            self.on_step(Progress(self.steps_done, self.total, elapsed, eta))
+        self.check_cancel()
+        return callback_kwargs
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(self.steps_done, self.total)
+
+
+class Engine:
+    """Runs generation requests on warm pipelines."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry | None = None,
+        accelerators: tuple[Accelerator, ...] = ACCELERATORS,
+    ):
+        self.settings = settings
+        self.registry = registry or ModelRegistry(settings.model_dir)
+        self.device = resolve_device(settings.device)
+        self.pool = PipelinePool(self.registry, self.device, resolve_dtype(settings.dtype, self.device))
+        self.accelerators = accelerators
+
+    def prepare(self, request: GenerationRequest | dict) -> tuple[ModelSpec, GenerationRequest]:
+        """Validate against the limits and the model; return the spec and the request with defaults filled."""
+        request = parse_request(request, self.settings.limits)
+        spec = self.registry.resolve(request.model or self.settings.default_model)
+        return spec, spec.complete(request)
+
+    def run(
+        self,
+        request: GenerationRequest | dict,
+        on_step: StepCallback | None = None,
+        cancel: CancelFlag | None = None,
+    ) -> Generation:
+        """Generate what ``request`` asks for. Raises InvalidRequest, ModelLoadError or Cancelled."""
+        started = time.perf_counter()
+        spec, request = self.prepare(request)
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        loaded, load_s = self.pool.get(spec)
+        monitor = StepMonitor(request.steps, on_step, cancel)
+        monitor.check_cancel()
+        with loaded.lock:
+            attached = attach(loaded.pipe, request.accelerate, self.accelerators)
+            try:
+                monitor.start = time.perf_counter()
+                output = loaded.pipe(**call_kwargs(loaded.pipe, spec, request, seed, monitor))
+                reports = attached.reports()
+            finally:
+                attached.remove()
+        finished = time.perf_counter()
+        result = GenerationResult(
+            id=uuid.uuid4().hex,
+            request=request.model_copy(update={"seed": seed}),
+            model=spec.name,
+            seed=seed,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            num_frames=request.num_frames,
+            output_format=request.output_format,
+            device=str(self.device),
+            timings=_timings(started, load_s, monitor, finished),
+            accelerations=reports,
+        )
+        return _generation(result, spec, output)
+
+
+def call_kwargs(pipe, spec: ModelSpec, request: GenerationRequest, seed: int, monitor: StepMonitor) -> dict:
+    """The pipeline's own call arguments for this request, keeping only those its ``__call__`` takes."""
+    wanted = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or None,
+        "width": request.width,
+        "height": request.height,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "num_frames": request.num_frames,
+        # A CPU generator makes the starting noise the same on every device.
+        "generator": torch.Generator("cpu").manual_seed(seed),
+        "output_type": "np" if spec.kind == "video" else "pil",
+        "callback_on_step_end": monitor,
+        **spec.call_kwargs,
+    }
+    accepted = inspect.signature(pipe.__call__).parameters
+    return {name: value for name, value in wanted.items() if name in accepted and value is not None}
+
+
+def _timings(started: float, load_s: float, monitor: StepMonitor, finished: float) -> Timings:
+    denoise_s = monitor.last_step_at - monitor.start
+    return Timings(
+        load_s=load_s,
+        denoise_s=denoise_s,
+        total_s=finished - started,
+        per_step_s=denoise_s / max(monitor.steps_done, 1),
+    )
+
+
+def _generation(result: GenerationResult, spec: ModelSpec, output) -> Generation:
+    if spec.kind == "video":
+        frames = np.asarray(output.frames[0])
+        return Generation(result, frames=[to_uint8(frame) for frame in frames])
+    return Generation(result, images=list(output.images))
+
+
+def to_uint8(frame: np.ndarray) -> np.ndarray:
+    return (np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8)

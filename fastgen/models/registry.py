@@ -1,0 +1,333 @@
+"""The model registry: what each model is and can do, as data.
+
+A :class:`ModelSpec` declares a model's capabilities (image or video, UNet or DiT, default size,
+size step, which accelerations apply). Requests are checked against it at the door, so asking a
+model for something it cannot do is a clear error rather than a silently ignored option.
+
+Built-in models are real diffusers architectures with seeded random weights, written with
+``save_pretrained`` on first use and loaded with ``from_pretrained`` like any checkpoint. Any
+local pipeline directory or hub id is accepted too; its capabilities come from its pipeline class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastgen.errors import FieldError, InvalidRequest, ModelLoadError, UnknownModel
+from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, AccelerateOptions, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BUILTIN_VERSION = 1  # bump when a built-in model's config or seed changes, so stale copies are rebuilt
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's declarative capabilities and defaults."""
+
+    name: str
+    kind: Literal["image", "video"]
+    architecture: Literal["unet", "dit"]
+    pipeline_class: str
+    source: str = ""  # local directory or hub id; empty for built-ins until built
+    builtin: bool = False
+    description: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    guidance: float = 7.5
+    size_multiple: int = 8  # VAE downsampling times the transformer's patch size
+    num_frames: int | None = None
+    fps: int | None = None
+    frame_multiple: int = 1  # video VAEs compress time: frames must be frame_multiple * k + 1
+    accelerations: frozenset[str] = frozenset({"fuse_qkv"})
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def capabilities(self) -> dict[str, Any]:
+        """JSON-ready description, for `fastgen models` and the REST model listing."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "pipeline": self.pipeline_class,
+            "builtin": self.builtin,
+            "description": self.description,
+            "defaults": {
+                "width": self.width,
+                "height": self.height,
+                "steps": self.steps,
+                "guidance": self.guidance,
+                "num_frames": self.num_frames,
+                "fps": self.fps,
+                "output_format": self.default_format,
+            },
+            "size_multiple": self.size_multiple,
+            "frame_multiple": self.frame_multiple if self.kind == "video" else None,
+            "accelerations": sorted(self.accelerations),
+        }
+
+    @property
+    def default_format(self) -> str:
+        return "mp4" if self.kind == "video" else "png"
+
+    def complete(self, request: GenerationRequest) -> GenerationRequest:
+        """Fill the request's unset fields from this model's defaults and check what it asks for."""
+        filled = request.model_copy(
+            update={
+                "model": self.name,
+                "width": request.width or self.width,
+                "height": request.height or self.height,
+                "steps": request.steps or self.steps,
+                "guidance": self.guidance if request.guidance is None else request.guidance,
+                "num_frames": request.num_frames or self.num_frames,
+                "fps": request.fps or self.fps,
+                "output_format": request.output_format or self.default_format,
+            }
+        )
+        errors = self._size_errors(filled) + self._video_errors(request, filled) + self._acceleration_errors(filled)
+        if errors:
+            raise InvalidRequest(errors)
+        return filled
+
+    def _size_errors(self, r: GenerationRequest) -> list[FieldError]:
+        return [
+            FieldError(name, f"must be a multiple of {self.size_multiple} for model {self.name!r}, got {value}")
+            for name, value in (("width", r.width), ("height", r.height))
+            if value % self.size_multiple
+        ]
+
+    def _video_errors(self, asked: GenerationRequest, r: GenerationRequest) -> list[FieldError]:
+        if self.kind == "image":
+            unusable = [
+                FieldError(name, f"only video models take {name}; {self.name!r} makes images")
+                for name in ("num_frames", "fps")
+                if getattr(asked, name) is not None
+            ]
+            if r.output_format not in IMAGE_FORMATS:
+                unusable.append(FieldError("output_format", f"must be one of {', '.join(IMAGE_FORMATS)} for images"))
+            return unusable
+        errors = []
+        if (r.num_frames - 1) % self.frame_multiple:
+            errors.append(
+                FieldError(
+                    "num_frames", f"must be {self.frame_multiple}*k + 1 for model {self.name!r}, got {r.num_frames}"
+                )
+            )
+        if r.output_format not in VIDEO_FORMATS:
+            errors.append(FieldError("output_format", f"must be one of {', '.join(VIDEO_FORMATS)} for video"))
+        return errors
+
+    def _acceleration_errors(self, r: GenerationRequest) -> list[FieldError]:
+        asked = [name for name in AccelerateOptions.model_fields if _is_on(getattr(r.accelerate, name))]
+        return [
+            FieldError(
+                f"accelerate.{name}",
+                f"model {self.name!r} does not support {name}; it supports: "
+                f"{', '.join(sorted(self.accelerations)) or 'none'}",
+            )
+            for name in asked
+            if name not in self.accelerations
+        ]
+
+
+def _is_on(option: Any) -> bool:
+    return bool(option) if not hasattr(option, "enabled") else bool(option.enabled)
+
+
+BUILTIN_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="tiny-sd",
+            kind="image",
+            architecture="unet",
+            pipeline_class="StableDiffusionPipeline",
+            builtin=True,
+            description="Stable Diffusion architecture (UNet, 8x VAE, CLIP), random weights",
+            width=256,
+            height=256,
+            steps=20,
+            guidance=7.5,
+            size_multiple=8,
+        ),
+        ModelSpec(
+            name="tiny-pixart",
+            kind="image",
+            architecture="dit",
+            pipeline_class="PixArtSigmaPipeline",
+            builtin=True,
+            description="PixArt-Sigma architecture (DiT, 8x VAE, T5), random weights",
+            width=256,
+            height=256,
+            steps=20,
+            guidance=4.5,
+            size_multiple=16,
+            call_kwargs={"use_resolution_binning": False, "clean_caption": False},
+        ),
+        ModelSpec(
+            name="tiny-wan",
+            kind="video",
+            architecture="dit",
+            pipeline_class="WanPipeline",
+            builtin=True,
+            description="Wan 2.1 text-to-video architecture (video DiT, 3D VAE, T5), random weights",
+            width=128,
+            height=128,
+            steps=20,
+            guidance=5.0,
+            size_multiple=16,
+            num_frames=17,
+            fps=8,
+            frame_multiple=4,
+        ),
+    )
+}
+
+# What a pipeline class can do, for models that are not built in (local directories, hub ids).
+PIPELINE_FAMILIES: dict[str, dict[str, Any]] = {
+    "StableDiffusionPipeline": {"kind": "image", "architecture": "unet", "width": 512, "height": 512},
+    "StableDiffusionXLPipeline": {"kind": "image", "architecture": "unet", "width": 1024, "height": 1024},
+    "PixArtAlphaPipeline": {
+        "kind": "image",
+        "architecture": "dit",
+        "width": 1024,
+        "height": 1024,
+        "guidance": 4.5,
+        "size_multiple": 16,
+    },
+    "PixArtSigmaPipeline": {
+        "kind": "image",
+        "architecture": "dit",
+        "width": 1024,
+        "height": 1024,
+        "guidance": 4.5,
+        "size_multiple": 16,
+    },
+    "FluxPipeline": {
+        "kind": "image",
+        "architecture": "dit",
+        "width": 1024,
+        "height": 1024,
+        "guidance": 3.5,
+        "size_multiple": 16,
+        "steps": 28,
+    },
+    "StableDiffusion3Pipeline": {
+        "kind": "image",
+        "architecture": "dit",
+        "width": 1024,
+        "height": 1024,
+        "size_multiple": 16,
+        "steps": 28,
+    },
+    "WanPipeline": {
+        "kind": "video",
+        "architecture": "dit",
+        "width": 832,
+        "height": 480,
+        "guidance": 5.0,
+        "size_multiple": 16,
+        "num_frames": 81,
+        "fps": 16,
+        "frame_multiple": 4,
+    },
+    "AnimateDiffPipeline": {
+        "kind": "video",
+        "architecture": "unet",
+        "width": 512,
+        "height": 512,
+        "num_frames": 16,
+        "fps": 8,
+    },
+}
+
+
+class ModelRegistry:
+    """Resolves a model name to its spec and to a directory ``from_pretrained`` can load."""
+
+    def __init__(self, model_dir: Path, builtins: Mapping[str, ModelSpec] | None = None):
+        self.model_dir = Path(model_dir)
+        self.builtins = dict(BUILTIN_SPECS if builtins is None else builtins)
+
+    def names(self) -> list[str]:
+        return sorted(self.builtins)
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The spec for a built-in name, a local pipeline directory or a hub id."""
+        if name in self.builtins:
+            return self.builtins[name]
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return spec_from_config(name, _read_local_index(path), source=str(path))
+        if HUB_ID.match(name):
+            return spec_from_config(name, _read_hub_index(name), source=name)
+        raise UnknownModel(name, self.names())
+
+    def source(self, spec: ModelSpec) -> str:
+        """Where ``from_pretrained`` loads this model from, building a built-in one on first use."""
+        if not spec.builtin:
+            return spec.source
+        target = self.model_dir / f"{spec.name}-v{BUILTIN_VERSION}"
+        if not (target / "model_index.json").is_file():
+            build_and_save(spec.name, target)
+        return str(target)
+
+
+def spec_from_config(name: str, index: dict[str, Any], source: str) -> ModelSpec:
+    pipeline_class = index.get("_class_name", "")
+    family = PIPELINE_FAMILIES.get(pipeline_class)
+    if family is None:
+        raise InvalidRequest.one(
+            "model",
+            f"{name!r} is a {pipeline_class or 'unknown'} pipeline; supported pipelines: "
+            f"{', '.join(sorted(PIPELINE_FAMILIES))}",
+        )
+    return ModelSpec(name=name, pipeline_class=pipeline_class, source=source, **family)
+
+
+def _read_local_index(path: Path) -> dict[str, Any]:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise InvalidRequest.one("model", f"{str(path)!r} is a directory but has no model_index.json")
+    return json.loads(index.read_text())
+
+
+def _read_hub_index(repo_id: str) -> dict[str, Any]:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(repo_id)
+    except Exception as exc:  # offline, private, missing: all mean "cannot use this model here"
+        raise InvalidRequest.one("model", f"could not read hub model {repo_id!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def build_and_save(name: str, target: Path, seed: int = 0) -> None:
+    """Build a built-in model and publish it atomically, so concurrent processes never see half a model."""
+    from fastgen.models.builtin import BUILDERS
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("building built-in model %s into %s", name, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        BUILDERS[name](seed).save_pretrained(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():  # lost a race only if the winner finished
+                raise ModelLoadError(f"could not publish built-in model {name} to {target}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,226 @@
+"""GenerationRequest and GenerationResult: the one schema REST, Celery, the CLI and the UI share.
+
+Upper limits come from :class:`fastgen.settings.Limits`, passed in through :func:`parse_request`
+(pydantic's validation context), so an operator can change them without code. Every violation
+names the field and the limit.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from fastgen.errors import FieldError, InvalidRequest
+from fastgen.settings import Limits
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+VIDEO_FORMATS = ("mp4", "gif")
+OutputFormat = Literal["png", "jpeg", "webp", "mp4", "gif"]
+MAX_SEED = 2**63 - 1
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    context = info.context or {}
+    return context.get("limits") or Limits()
+
+
+def _over(limit_name: str, limit: float, value: float, what: str = "must be at most") -> PydanticCustomError:
+    return PydanticCustomError(
+        "over_limit",
+        "{what} {limit} (FASTGEN_{env}), got {value}",
+        {"what": what, "limit": limit, "env": limit_name.upper(), "value": value},
+    )
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraRef(Strict):
+    """One adapter from the LoRA library, by name, with its strength."""
+
+    name: str = Field(description="Adapter name in the LoRA library (letters, digits, _ . -)")
+    scale: float = Field(1.0, ge=-4.0, le=4.0, description="Adapter strength")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not LORA_NAME.match(v) or ".." in v:
+            raise PydanticCustomError("lora_name", "must be 1-128 letters, digits, '_', '.' or '-' (no paths)")
+        return v
+
+
+class AccelerateOptions(Strict):
+    """Which accelerations this request allows. Each is off unless asked for."""
+
+    fuse_qkv: bool = Field(False, description="Fuse attention Q/K/V projections into one matmul")
+
+
+class GenerationRequest(Strict):
+    """What to generate. Fields left as null take the model's defaults."""
+
+    prompt: str = Field(min_length=1, description="What to draw")
+    negative_prompt: str = Field("", description="What to steer away from (used with guidance > 1)")
+    model: str | None = Field(None, description="Model name, local pipeline directory or hub id; null: default")
+    width: int | None = Field(None, ge=8, description="Pixels; a multiple of the model's size step")
+    height: int | None = Field(None, ge=8, description="Pixels; a multiple of the model's size step")
+    steps: int | None = Field(None, ge=1, description="Denoising steps")
+    guidance: float | None = Field(None, ge=0.0, description="Classifier-free guidance scale; <= 1 turns it off")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; null picks one and reports it")
+    num_frames: int | None = Field(None, ge=1, description="Video models only: frames to generate")
+    fps: int | None = Field(None, ge=1, le=60, description="Video models only: frames per second of the file")
+    output_format: OutputFormat | None = Field(None, description="png/jpeg/webp for images, mp4/gif for video")
+    loras: list[LoraRef] = Field(default_factory=list, description="LoRA adapters and their scales")
+    accelerate: AccelerateOptions = Field(default_factory=AccelerateOptions)
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _prompt_length(cls, v: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_prompt_chars
+        if len(v) > limit:
+            raise _over("max_prompt_chars", limit, len(v), "must be at most")
+        if info.field_name == "prompt" and not v.strip():
+            raise PydanticCustomError("blank", "must not be blank")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, v: int | None, info: ValidationInfo) -> int | None:
+        limits = _limits(info)
+        if v is not None and v > limits.max_side:
+            raise _over("max_side", limits.max_side, v)
+        width = info.data.get("width")
+        if info.field_name == "height" and v is not None and width is not None and v * width > limits.max_pixels:
+            raise PydanticCustomError(
+                "over_limit",
+                "width x height = {pixels} pixels, over the limit of {limit} (FASTGEN_MAX_PIXELS)",
+                {"pixels": v * width, "limit": limits.max_pixels},
+            )
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int | None, info: ValidationInfo) -> int | None:
+        limit = _limits(info).max_steps
+        if v is not None and v > limit:
+            raise _over("max_steps", limit, v)
+        return v
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance(cls, v: float | None, info: ValidationInfo) -> float | None:
+        limit = _limits(info).max_guidance
+        if v is not None and v > limit:
+            raise _over("max_guidance", limit, v)
+        return v
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames(cls, v: int | None, info: ValidationInfo) -> int | None:
+        limit = _limits(info).max_frames
+        if v is not None and v > limit:
+            raise _over("max_frames", limit, v)
+        return v
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_count(cls, v: list[LoraRef], info: ValidationInfo) -> list[LoraRef]:
+        limit = _limits(info).max_loras
+        if len(v) > limit:
+            raise _over("max_loras", limit, len(v), "may list at most")
+        if len({lora.name for lora in v}) != len(v):
+            raise PydanticCustomError("duplicate", "lists the same adapter twice")
+        return v
+
+
+def parse_request(data: dict[str, Any] | str | bytes | GenerationRequest, limits: Limits) -> GenerationRequest:
+    """Validate raw input (a dict or JSON) against ``limits``; raise InvalidRequest naming each bad field."""
+    if isinstance(data, GenerationRequest):
+        data = data.model_dump()
+    try:
+        if isinstance(data, str | bytes):
+            return GenerationRequest.model_validate_json(data, context={"limits": limits})
+        return GenerationRequest.model_validate(data, context={"limits": limits})
+    except ValidationError as exc:
+        raise InvalidRequest([_field_error(e) for e in exc.errors()]) from None
+
+
+def _field_error(error: dict) -> FieldError:
+    field = ".".join(str(part) for part in error["loc"]) or "request"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "is not a known field"
+    return FieldError(field, message)
+
+
+def request_schema(limits: Limits) -> dict[str, Any]:
+    """The request's JSON schema with this service's limits written in as maxima."""
+    schema = GenerationRequest.model_json_schema()
+    props = schema["properties"]
+    maxima = {
+        "width": limits.max_side,
+        "height": limits.max_side,
+        "steps": limits.max_steps,
+        "guidance": limits.max_guidance,
+        "num_frames": limits.max_frames,
+    }
+    for name, maximum in maxima.items():
+        _nullable_variant(props[name])["maximum"] = maximum
+    props["prompt"]["maxLength"] = limits.max_prompt_chars
+    props["negative_prompt"]["maxLength"] = limits.max_prompt_chars
+    props["loras"]["maxItems"] = limits.max_loras
+    schema["description"] = f"{schema.get('description', '')} Images may have at most {limits.max_pixels} pixels."
+    return schema
+
+
+def _nullable_variant(prop: dict[str, Any]) -> dict[str, Any]:
+    return next(v for v in prop.get("anyOf", [prop]) if v.get("type") != "null")
+
+
+class Artifact(BaseModel):
+    """One stored output file."""
+
+    name: str
+    url: str
+    media_type: str
+    bytes: int
+
+
+class AccelerationReport(BaseModel):
+    """What one acceleration did on one request."""
+
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Timings(BaseModel):
+    load_s: float = 0.0
+    denoise_s: float = 0.0
+    encode_s: float = 0.0
+    total_s: float = 0.0
+    per_step_s: float = 0.0
+
+
+class GenerationResult(BaseModel):
+    """What a finished generation reports: the resolved request, its outputs and what accelerations did."""
+
+    id: str
+    request: GenerationRequest
+    model: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    num_frames: int | None = None
+    output_format: OutputFormat
+    device: str
+    artifacts: list[Artifact] = Field(default_factory=list)
+    timings: Timings = Field(default_factory=Timings)
+    accelerations: list[AccelerationReport] = Field(default_factory=list)
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

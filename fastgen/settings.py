@@ -1,0 +1,93 @@
+"""Service settings: one frozen object read from ``FASTGEN_*`` environment variables.
+
+Nothing reads the environment behind your back: build a :class:`Settings` once (usually with
+:meth:`Settings.from_env`) and pass it to whatever needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "FASTGEN_"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Every limit has an environment variable of its own."""
+
+    max_pixels: int = 1024 * 1024  # FASTGEN_MAX_PIXELS: width * height of one image or frame
+    max_side: int = 2048  # FASTGEN_MAX_SIDE: the longest width or height
+    max_steps: int = 100  # FASTGEN_MAX_STEPS
+    max_frames: int = 129  # FASTGEN_MAX_FRAMES: frames of one video
+    max_prompt_chars: int = 2000  # FASTGEN_MAX_PROMPT_CHARS: prompt and negative prompt each
+    max_loras: int = 4  # FASTGEN_MAX_LORAS: adapters on one request
+    max_guidance: float = 30.0  # FASTGEN_MAX_GUIDANCE
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"{env_name(f.name)} must be positive, got {getattr(self, f.name)}")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastgen"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable about a fastgen process."""
+
+    data_dir: Path = field(default_factory=default_data_dir)  # FASTGEN_DATA_DIR
+    model_dir: Path | None = None  # FASTGEN_MODEL_DIR; default <data_dir>/models
+    artifact_url: str | None = None  # FASTGEN_ARTIFACT_URL (fsspec URL); default <data_dir>/artifacts
+    broker_url: str | None = None  # FASTGEN_BROKER_URL; none means the embedded broker
+    default_model: str = "tiny-sd"  # FASTGEN_DEFAULT_MODEL
+    device: str = "auto"  # FASTGEN_DEVICE: auto, cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # FASTGEN_DTYPE: auto (float16 on CUDA, float32 elsewhere), float32, float16, bfloat16
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        if self.model_dir is None:
+            object.__setattr__(self, "model_dir", self.data_dir / "models")
+        object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
+        if self.artifact_url is None:
+            object.__setattr__(self, "artifact_url", str(self.data_dir / "artifacts"))
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"FASTGEN_DTYPE must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``FASTGEN_*`` variables; unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        values = _read_fields(cls, env, skip={"limits"})
+        return cls(**values, limits=Limits(**_read_fields(Limits, env)))
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _read_fields(cls: type, env: Mapping[str, str], skip: frozenset[str] | set[str] = frozenset()) -> dict:
+    values = {}
+    for f in fields(cls):
+        raw = env.get(env_name(f.name))
+        if f.name in skip or raw is None or raw == "":
+            continue
+        values[f.name] = _parse(f, raw)
+    return values
+
+
+def _parse(f, raw: str):
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(f.name)} must be a number, got {raw!r}") from None
+    return raw
