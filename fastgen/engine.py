@@ -109,7 +109,7 @@ class PipelinePool:
 
         source = self.registry.source(spec)
         try:
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=self.dtype, local_files_only=spec.builtin)
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=self.dtype, local_files_only=spec.builtin)
         except Exception as exc:
             raise ModelLoadError(f"could not load model {spec.name!r} from {source}: {exc}") from exc
         pipe.to(self.device)

@@ -1,0 +1,56 @@
+"""The fastgen command, run as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+from PIL import Image
+
+
+def fastgen(*args: str, data_dir) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTGEN_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "fastgen.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_generate_writes_an_image_with_progress(settings, tmp_path):
+    out = tmp_path / "cat.png"
+    run = fastgen("generate", "a red circle", "-W", "64", "-H", "64", "-s", "3", "--seed", "1", "-o", str(out),
+                  data_dir=settings.data_dir)
+    assert run.returncode == 0, run.stderr
+    assert Image.open(out).size == (64, 64)
+    assert "step 3/3" in run.stderr and "seed=1" in run.stdout
+
+
+def test_generate_writes_a_video(settings, tmp_path):
+    out = tmp_path / "clip.mp4"
+    run = fastgen("generate", "a boat", "-m", "tiny-wan", "-W", "32", "-H", "32", "--frames", "5", "-s", "2",
+                  "-o", str(out), "--json", data_dir=settings.data_dir)
+    assert run.returncode == 0, run.stderr
+    assert len(imageio.mimread(out, format="FFMPEG")) == 5
+    assert json.loads(run.stdout)["num_frames"] == 5
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(settings, tmp_path):
+    run = fastgen("generate", "a cat", "-s", "100000", "-o", str(tmp_path / "x.png"), data_dir=settings.data_dir)
+    assert run.returncode == 2
+    assert "error: steps: must be at most 100 (FASTGEN_MAX_STEPS), got 100000" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_unknown_model_and_file_type_are_clear_errors(settings, tmp_path):
+    run = fastgen("generate", "a cat", "-m", "nope", data_dir=settings.data_dir)
+    assert run.returncode == 2 and "unknown model 'nope'; known models: tiny-pixart, tiny-sd, tiny-wan" in run.stderr
+    run = fastgen("generate", "a cat", "-o", str(tmp_path / "x.bmp"), data_dir=settings.data_dir)
+    assert run.returncode == 2 and "output: unknown file type .bmp" in run.stderr
+
+
+def test_models_lists_capabilities(settings):
+    run = fastgen("models", "--json", data_dir=settings.data_dir)
+    models = {m["name"]: m for m in json.loads(run.stdout)}
+    assert models["tiny-wan"]["kind"] == "video" and models["tiny-pixart"]["architecture"] == "dit"
+    assert models["tiny-sd"]["accelerations"] == ["fuse_qkv"]
