@@ -39,8 +39,14 @@ def sd_pipe(engine):
 def small(model: str = "tiny-sd", **fields) -> dict:
     """A fast request: tiny sizes and few steps, seeded."""
     sizes = {"tiny-sd": 64, "tiny-pixart": 64, "tiny-wan": 32}
-    request = {"prompt": "a red circle at the top left", "model": model, "width": sizes[model],
-               "height": sizes[model], "steps": 4, "seed": 7}
+    request = {
+        "prompt": "a red circle at the top left",
+        "model": model,
+        "width": sizes[model],
+        "height": sizes[model],
+        "steps": 4,
+        "seed": 7,
+    }
     if model == "tiny-wan":
         request["num_frames"] = 5
     return {**request, **fields}

@@ -13,14 +13,28 @@ from PIL import Image
 
 def fastgen(*args: str, data_dir) -> subprocess.CompletedProcess:
     env = {**os.environ, "FASTGEN_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "fastgen.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "fastgen.cli", *args], env=env, capture_output=True, text=True, timeout=240
+    )
 
 
 def test_generate_writes_an_image_with_progress(settings, tmp_path):
     out = tmp_path / "cat.png"
-    run = fastgen("generate", "a red circle", "-W", "64", "-H", "64", "-s", "3", "--seed", "1", "-o", str(out),
-                  data_dir=settings.data_dir)
+    run = fastgen(
+        "generate",
+        "a red circle",
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "-s",
+        "3",
+        "--seed",
+        "1",
+        "-o",
+        str(out),
+        data_dir=settings.data_dir,
+    )
     assert run.returncode == 0, run.stderr
     assert Image.open(out).size == (64, 64)
     assert "step 3/3" in run.stderr and "seed=1" in run.stdout
@@ -28,8 +42,24 @@ def test_generate_writes_an_image_with_progress(settings, tmp_path):
 
 def test_generate_writes_a_video(settings, tmp_path):
     out = tmp_path / "clip.mp4"
-    run = fastgen("generate", "a boat", "-m", "tiny-wan", "-W", "32", "-H", "32", "--frames", "5", "-s", "2",
-                  "-o", str(out), "--json", data_dir=settings.data_dir)
+    run = fastgen(
+        "generate",
+        "a boat",
+        "-m",
+        "tiny-wan",
+        "-W",
+        "32",
+        "-H",
+        "32",
+        "--frames",
+        "5",
+        "-s",
+        "2",
+        "-o",
+        str(out),
+        "--json",
+        data_dir=settings.data_dir,
+    )
     assert run.returncode == 0, run.stderr
     assert len(imageio.mimread(out, format="FFMPEG")) == 5
     assert json.loads(run.stdout)["num_frames"] == 5

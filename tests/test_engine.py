@@ -64,8 +64,9 @@ def test_builtin_round_trips_through_save_pretrained(engine, tmp_path, name):
 
     spec, request = engine.prepare(small(name))
     outputs = [pipe(**call_kwargs(pipe, spec, request, 7, StepMonitor(4, None, None))) for pipe in (built, loaded)]
-    arrays = [np.asarray(out.frames[0] if spec.kind == "video" else out.images[0], dtype=np.float32)
-              for out in outputs]
+    arrays = [
+        np.asarray(out.frames[0] if spec.kind == "video" else out.images[0], dtype=np.float32) for out in outputs
+    ]
     np.testing.assert_allclose(arrays[0], arrays[1], atol=1e-5 if spec.kind == "video" else 1)
 
 

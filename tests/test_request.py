@@ -8,8 +8,15 @@ from fastgen.errors import InvalidRequest
 from fastgen.request import GenerationRequest, parse_request, request_schema
 from fastgen.settings import Limits, Settings
 
-LIMITS = Limits(max_pixels=256 * 256, max_side=512, max_steps=50, max_frames=33, max_prompt_chars=100,
-                max_loras=2, max_guidance=20.0)
+LIMITS = Limits(
+    max_pixels=256 * 256,
+    max_side=512,
+    max_steps=50,
+    max_frames=33,
+    max_prompt_chars=100,
+    max_loras=2,
+    max_guidance=20.0,
+)
 
 
 def rejection(**fields) -> InvalidRequest:
