@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the built-in models and their capabilities")
     models.add_argument("--json", action="store_true")
     models.set_defaults(command=list_models)
+
+    schema = commands.add_parser("schema", help="print the request JSON schema with this service's limits")
+    schema.set_defaults(command=print_schema)
     return parser
 
 
@@ -139,6 +142,13 @@ def list_models(args: argparse.Namespace, settings: Settings) -> int:
             f"{cap['name']:<14} {cap['kind']:<6} {cap['architecture']:<5} {size:<12} "
             f"accelerations: {', '.join(cap['accelerations']) or '-'}{default}"
         )
+    return 0
+
+
+def print_schema(args: argparse.Namespace, settings: Settings) -> int:
+    from fastgen.request import request_schema
+
+    print(json.dumps(request_schema(settings.limits), indent=2))
     return 0
 
 

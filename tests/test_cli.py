@@ -84,3 +84,9 @@ def test_models_lists_capabilities(settings):
     models = {m["name"]: m for m in json.loads(run.stdout)}
     assert models["tiny-wan"]["kind"] == "video" and models["tiny-pixart"]["architecture"] == "dit"
     assert models["tiny-sd"]["accelerations"] == ["fuse_qkv"]
+
+
+def test_schema_reflects_configured_limits(settings, monkeypatch):
+    monkeypatch.setenv("FASTGEN_MAX_STEPS", "12")
+    schema = json.loads(fastgen("schema", data_dir=settings.data_dir).stdout)
+    assert {"type": "integer", "minimum": 1, "maximum": 12} in schema["properties"]["steps"]["anyOf"]
