@@ -18,6 +18,8 @@ FORMAT_BY_SUFFIX = {".jpg": "jpeg", **{f".{fmt}": fmt for fmt in IMAGE_FORMATS +
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.verbose:
+        quiet_libraries()
     try:
         settings = Settings.from_env()
         return args.command(args, settings)
@@ -31,6 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad FASTGEN_* settings
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar is the only one a user should see; the libraries' notices go with --verbose."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ a wrong guess silently shifts PSNR by 48 dB. Convert first, e.g. with ``fastgen.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -54,15 +53,11 @@ def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _frames(images) -> np.ndarray:
-    if isinstance(images, Image.Image):
-        return _as_uint8(images)[None].astype(np.float64)
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return np.stack([_as_uint8(frame) for frame in images]).astype(np.float64)
-    if isinstance(images, Sequence) and not isinstance(images, np.ndarray):
-        if not images:
-            raise ValueError("no frames given")
-        return np.stack([_as_uint8(frame) for frame in images]).astype(np.float64)
-    return _as_uint8(images)[None].astype(np.float64)
+    is_video = isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4)
+    if is_video and len(images) == 0:
+        raise ValueError("no frames given")
+    frames = [_as_uint8(frame) for frame in images] if is_video else [_as_uint8(images)]
+    return np.stack(frames).astype(np.float64)
 
 
 def _as_uint8(image) -> np.ndarray:
