@@ -53,8 +53,12 @@ class ArtifactStore:
             return GenerationResult.model_validate(json.load(f))
 
     def read(self, result_id: str, name: str) -> bytes:
-        with self.fs.open(self._path(result_id, name), "rb") as f:
+        with self.open(result_id, name) as f:
             return f.read()
+
+    def open(self, result_id: str, name: str):
+        """A binary file object, for streaming large videos."""
+        return self.fs.open(self._path(result_id, name), "rb")
 
     def _put(self, result_id: str, name: str, data: bytes, fmt: str) -> Artifact:
         path = self._write(result_id, name, data)

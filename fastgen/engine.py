@@ -182,8 +182,12 @@ class Engine:
         request: GenerationRequest | dict,
         on_step: StepCallback | None = None,
         cancel: CancelFlag | None = None,
+        result_id: str | None = None,
     ) -> Generation:
-        """Generate what ``request`` asks for. Raises InvalidRequest, ModelLoadError or Cancelled."""
+        """Generate what ``request`` asks for. Raises InvalidRequest, ModelLoadError or Cancelled.
+
+        ``result_id`` names the result (a job's id, so a redelivered job overwrites its own artifacts).
+        """
         started = time.perf_counter()
         spec, request = self.prepare(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
@@ -200,7 +204,7 @@ class Engine:
                 attached.remove()
         finished = time.perf_counter()
         result = GenerationResult(
-            id=uuid.uuid4().hex,
+            id=result_id or uuid.uuid4().hex,
             request=request.model_copy(update={"seed": seed}),
             model=spec.name,
             seed=seed,

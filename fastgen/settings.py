@@ -47,6 +47,11 @@ class Settings:
     default_model: str = "tiny-sd"  # FASTGEN_DEFAULT_MODEL
     device: str = "auto"  # FASTGEN_DEVICE: auto, cpu, cuda, cuda:1, ...
     dtype: str = "auto"  # FASTGEN_DTYPE: auto (float16 on CUDA, float32 elsewhere), float32, float16, bfloat16
+    models: str = ""  # FASTGEN_MODELS: comma-separated models the service offers; empty: the built-ins
+    job_timeout_s: int = 900  # FASTGEN_JOB_TIMEOUT_S: the longest one job may run
+    api_keys: str = ""  # FASTGEN_API_KEYS: "key=tenant,key2=tenant2"; empty: an open service
+    host: str = "127.0.0.1"  # FASTGEN_HOST: where `fastgen serve` listens
+    port: int = 8000  # FASTGEN_PORT
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -56,8 +61,23 @@ class Settings:
         object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
         if self.artifact_url is None:
             object.__setattr__(self, "artifact_url", str(self.data_dir / "artifacts"))
+        if self.job_timeout_s <= 0:
+            raise ValueError(f"FASTGEN_JOB_TIMEOUT_S must be positive, got {self.job_timeout_s}")
+        self.tenants_by_key  # noqa: B018 -- a malformed key list fails at start-up, not on the first request
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"FASTGEN_DTYPE must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def tenants_by_key(self) -> dict[str, str]:
+        """API key to tenant, from FASTGEN_API_KEYS."""
+        pairs = [item.strip() for item in self.api_keys.split(",") if item.strip()]
+        if any("=" not in pair for pair in pairs):
+            raise ValueError("FASTGEN_API_KEYS must look like key1=tenant1,key2=tenant2")
+        return dict(pair.split("=", 1) for pair in pairs)
+
+    def served_models(self, builtins: list[str]) -> list[str]:
+        names = [name.strip() for name in self.models.split(",") if name.strip()]
+        return names or builtins
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

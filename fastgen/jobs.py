@@ -1,0 +1,257 @@
+"""The job registry the API and the workers share.
+
+Celery's result backend answers PENDING for any id it has never seen, so the service keeps its
+own record of every job: who owns it (tenant), which model and queue, when it was submitted, how
+often a worker started it, whether someone asked to cancel it, and how it ended. Counters and a
+latency histogram for ``/metrics`` come from here too.
+
+Two stores with one interface: Redis when the service runs on a Redis broker (shared by every
+machine), SQLite under the data directory in the embedded one-machine mode.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+RETENTION_S = 7 * 24 * 3600  # how long a job's record outlives it
+
+
+class StoreUnavailable(Exception):
+    """The job store (Redis) cannot be reached."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    tenant: str
+    model: str
+    queue: str
+    submitted_at: float
+
+
+@dataclass(frozen=True)
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...]  # per bucket, not cumulative
+    total: float
+    count: int
+
+
+class JobStore(Protocol):
+    def add(self, job: JobRecord) -> None: ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def request_cancel(self, job_id: str) -> None: ...
+
+    def cancel_requested(self, job_id: str) -> bool: ...
+
+    def started(self, job_id: str) -> int:
+        """Count one more start of the job; return how many there have been."""
+
+    def finished(self, job_id: str, state: str) -> None: ...
+
+    def state_counts(self) -> dict[str, int]:
+        """queued, running and each final state."""
+
+    def queue_depths(self) -> dict[str, int]: ...
+
+    def latency(self) -> Histogram: ...
+
+
+def bucket_index(seconds: float) -> int:
+    return bisect.bisect_left(LATENCY_BUCKETS, seconds)
+
+
+class RedisJobStore:
+    """Job records as Redis hashes; queued/running sets and counters kept up to date as jobs move."""
+
+    def __init__(self, url: str, prefix: str = "fastgen"):
+        import redis
+
+        self.redis = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        self.prefix = prefix
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        import redis
+
+        try:
+            yield
+        except redis.exceptions.ConnectionError as exc:
+            raise StoreUnavailable(f"Redis job store unreachable: {exc}") from None
+
+    def add(self, job: JobRecord) -> None:
+        with self._reachable():
+            pipe = self.redis.pipeline()
+            pipe.hset(self._key("job", job.id), mapping={k: str(v) for k, v in asdict(job).items()})
+            pipe.expire(self._key("job", job.id), RETENTION_S)
+            pipe.sadd(self._key("queued", job.queue), job.id)
+            pipe.sadd(self._key("queues"), job.queue)
+            pipe.execute()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._reachable():
+            fields = self.redis.hgetall(self._key("job", job_id))
+        if not fields or b"tenant" not in fields:
+            return None
+        values = {k.decode(): v.decode() for k, v in fields.items() if k.decode() in JobRecord.__dataclass_fields__}
+        return JobRecord(**{**values, "submitted_at": float(values["submitted_at"])})
+
+    def request_cancel(self, job_id: str) -> None:
+        with self._reachable():
+            self.redis.set(self._key("cancel", job_id), 1, ex=RETENTION_S)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._reachable():
+            return bool(self.redis.exists(self._key("cancel", job_id)))
+
+    def started(self, job_id: str) -> int:
+        job = self.get(job_id)
+        with self._reachable():
+            pipe = self.redis.pipeline()
+            pipe.hincrby(self._key("job", job_id), "attempts", 1)
+            if job is not None:
+                pipe.smove(self._key("queued", job.queue), self._key("running"), job_id)
+            return pipe.execute()[0]
+
+    def finished(self, job_id: str, state: str) -> None:
+        job = self.get(job_id)
+        with self._reachable():
+            if job is None or not self.redis.hsetnx(self._key("job", job_id), "state", state):
+                return  # unknown, or already counted: a redelivered job ends once
+            latency = time.time() - job.submitted_at
+            pipe = self.redis.pipeline()
+            pipe.srem(self._key("queued", job.queue), job_id)
+            pipe.srem(self._key("running"), job_id)
+            pipe.hincrby(self._key("finished"), state, 1)
+            pipe.hincrby(self._key("latency"), str(bucket_index(latency)), 1)
+            pipe.hincrbyfloat(self._key("latency"), "sum", latency)
+            pipe.execute()
+
+    def state_counts(self) -> dict[str, int]:
+        with self._reachable():
+            finished = {k.decode(): int(v) for k, v in self.redis.hgetall(self._key("finished")).items()}
+            queued = sum(self.queue_depths().values())
+            running = self.redis.scard(self._key("running"))
+        return {"queued": queued, "running": running, **{s: finished.get(s, 0) for s in FINAL_STATES}}
+
+    def queue_depths(self) -> dict[str, int]:
+        with self._reachable():
+            queues = sorted(q.decode() for q in self.redis.smembers(self._key("queues")))
+            return {q: self.redis.scard(self._key("queued", q)) for q in queues}
+
+    def latency(self) -> Histogram:
+        with self._reachable():
+            raw = {k.decode(): float(v) for k, v in self.redis.hgetall(self._key("latency")).items()}
+        counts = tuple(int(raw.get(str(i), 0)) for i in range(len(LATENCY_BUCKETS)))
+        return Histogram(LATENCY_BUCKETS, counts, raw.get("sum", 0.0), sum(counts))
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, queue TEXT NOT NULL,
+    submitted_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, cancel INTEGER NOT NULL DEFAULT 0,
+    state TEXT, latency REAL
+)
+"""
+
+
+class SqliteJobStore:
+    """The embedded store: one SQLite file that the API and every local worker process open."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        # A connection per call: the store is used from API threads and forked worker processes alike.
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def add(self, job: JobRecord) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO jobs (id, tenant, model, queue, submitted_at) VALUES (?, ?, ?, ?, ?)",
+                (job.id, job.tenant, job.model, job.queue, job.submitted_at),
+            )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._db() as db:
+            row = db.execute(
+                "SELECT id, tenant, model, queue, submitted_at FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        return JobRecord(*row) if row else None
+
+    def request_cancel(self, job_id: str) -> None:
+        with self._db() as db:
+            db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._db() as db:
+            row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def started(self, job_id: str) -> int:
+        with self._db() as db:
+            db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (job_id,))
+            row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else 1
+
+    def finished(self, job_id: str, state: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, latency = ? - submitted_at WHERE id = ? AND state IS NULL",
+                (state, time.time(), job_id),
+            )
+
+    def state_counts(self) -> dict[str, int]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT CASE WHEN state IS NOT NULL THEN state WHEN attempts > 0 THEN 'running' ELSE 'queued' END,"
+                " COUNT(*) FROM jobs GROUP BY 1"
+            ).fetchall()
+        counts = dict(rows)
+        return {s: counts.get(s, 0) for s in ("queued", "running", *FINAL_STATES)}
+
+    def queue_depths(self) -> dict[str, int]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT queue, SUM(state IS NULL AND attempts = 0) FROM jobs GROUP BY queue ORDER BY queue"
+            ).fetchall()
+        return {queue: int(depth) for queue, depth in rows}
+
+    def latency(self) -> Histogram:
+        with self._db() as db:
+            values = [row[0] for row in db.execute("SELECT latency FROM jobs WHERE latency IS NOT NULL")]
+        counts = [0] * len(LATENCY_BUCKETS)
+        for value in values:
+            counts[bucket_index(value)] += 1
+        return Histogram(LATENCY_BUCKETS, tuple(counts), sum(values), len(values))
+
+
+def open_job_store(broker_url: str | None, data_dir: Path) -> JobStore:
+    """Redis beside a Redis broker; SQLite under the data directory otherwise."""
+    if broker_url and broker_url.startswith(("redis://", "rediss://")):
+        return RedisJobStore(broker_url)
+    return SqliteJobStore(Path(data_dir) / "jobs.sqlite3")

@@ -1,0 +1,174 @@
+"""Submitting, reading and cancelling jobs: what the REST API and ``fastgen.workers.submit`` share.
+
+A job is validated at the door (limits, then the model's capabilities, without loading the
+model), registered in the job store and sent to its model's queue with the job id as the Celery
+task id. Its status is read with one ``get_task_meta`` (state and meta in one read, so they
+cannot disagree) and told in five words: queued, running, succeeded, failed, cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from celery import Celery
+from fastgen.workers.app import TASK_NAME, create_celery, queue_name
+from fastgen.workers.tasks import CANCELLED, PROGRESS
+from pydantic import BaseModel
+
+from fastgen.errors import FastgenError, InvalidRequest
+from fastgen.jobs import JobRecord, JobStore, StoreUnavailable, open_job_store
+from fastgen.models.registry import ModelRegistry
+from fastgen.request import GenerationRequest, GenerationResult, parse_request
+from fastgen.settings import Settings
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+CELERY_STATES: dict[str, JobState] = {
+    "PENDING": "queued",
+    "RECEIVED": "queued",
+    "RETRY": "queued",
+    "STARTED": "running",
+    PROGRESS: "running",
+    "SUCCESS": "succeeded",
+    "FAILURE": "failed",
+    "REVOKED": "cancelled",
+    CANCELLED: "cancelled",
+}
+
+
+class JobNotFound(FastgenError):
+    def __init__(self, job_id: str):
+        super().__init__(f"no job {job_id!r}")
+
+
+class QueueUnavailable(FastgenError):
+    """The broker, result backend or job store cannot be reached."""
+
+
+class JobProgress(BaseModel):
+    step: int
+    total: int
+    eta_s: float
+    elapsed_s: float
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: JobState
+    model: str
+    submitted_at: float
+    progress: JobProgress | None = None
+    result: GenerationResult | None = None
+    error: str | None = None
+
+
+class JobQueue:
+    """The service's view of the job queue, for one set of served models."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        celery: Celery | None = None,
+        jobs: JobStore | None = None,
+        registry: ModelRegistry | None = None,
+    ):
+        self.settings = settings
+        self.registry = registry or ModelRegistry(settings.model_dir)
+        self.models = settings.served_models(self.registry.names())
+        self.celery = celery or create_celery(settings, self.models)
+        self.jobs = jobs or open_job_store(settings.broker_url, settings.data_dir)
+
+    def validate(self, payload: Any) -> GenerationRequest:
+        """The request with the model's defaults filled; InvalidRequest naming each bad field otherwise."""
+        request = parse_request(payload, self.settings.limits)
+        model = request.model or self.settings.default_model
+        if model not in self.models:
+            raise InvalidRequest.one("model", f"{model!r} is not served here; served models: {', '.join(self.models)}")
+        return self.registry.resolve(model).complete(request)
+
+    def submit(self, payload: Any, tenant: str) -> JobRecord:
+        request = self.validate(payload)
+        job = JobRecord(uuid.uuid4().hex, tenant, request.model, queue_name(request.model), time.time())
+        with self._reachable():
+            self.jobs.add(job)
+            self.celery.send_task(
+                TASK_NAME,
+                args=[request.model_dump(mode="json")],
+                task_id=job.id,
+                queue=job.queue,
+                routing_key=job.queue,
+                retry=False,
+            )
+        return job
+
+    def job(self, job_id: str, tenant: str | None) -> JobRecord:
+        """The job's record; JobNotFound for an unknown id or another tenant's job (existence is not leaked)."""
+        with self._reachable():
+            job = self.jobs.get(job_id)
+        if job is None or (tenant is not None and job.tenant != tenant):
+            raise JobNotFound(job_id)
+        return job
+
+    def status(self, job_id: str, tenant: str | None = None) -> JobStatus:
+        job = self.job(job_id, tenant)
+        with self._reachable():
+            meta = self.celery.backend.get_task_meta(job_id)
+        return self._status(job, meta)
+
+    def cancel(self, job_id: str, tenant: str | None = None) -> JobStatus:
+        """Ask the job to stop: a queued job never starts, a running one stops at its next step."""
+        job = self.job(job_id, tenant)
+        with self._reachable():
+            self.jobs.request_cancel(job_id)
+            meta = self.celery.backend.get_task_meta(job_id)
+            if CELERY_STATES.get(meta["status"]) == "queued":
+                self.celery.backend.store_result(job_id, {"step": 0, "total": 0}, CANCELLED)
+                self.jobs.finished(job_id, "cancelled")
+                meta = self.celery.backend.get_task_meta(job_id)
+        return self._status(job, meta)
+
+    def check(self) -> None:
+        """Raise QueueUnavailable unless the job store and the broker answer."""
+        with self._reachable():
+            self.jobs.state_counts()
+            with self.celery.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=2)
+
+    def _status(self, job: JobRecord, meta: dict) -> JobStatus:
+        state = CELERY_STATES.get(meta["status"], "running")
+        status = JobStatus(id=job.id, status=state, model=job.model, submitted_at=job.submitted_at)
+        info = meta.get("result")
+        if state == "running" and isinstance(info, dict) and "step" in info:
+            status.progress = JobProgress(**{k: info[k] for k in JobProgress.model_fields})
+        elif state == "succeeded":
+            status.result = GenerationResult.model_validate(info)
+        elif state == "failed":
+            status.error = failure_text(info)
+        return status
+
+    @contextmanager
+    def _reachable(self):
+        try:
+            yield
+        except (StoreUnavailable, OSError) as exc:
+            raise QueueUnavailable(f"the job queue is unreachable: {exc}") from None
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise QueueUnavailable(f"the job queue is unreachable: {exc}") from None
+            raise
+
+
+def failure_text(info: Any) -> str:
+    if isinstance(info, dict) and "exc_message" in info:
+        message = info["exc_message"]
+        return " ".join(str(m) for m in message) if isinstance(message, list | tuple) else str(message)
+    return str(info) if info else "the job failed"
+
+
+def _is_connection_error(exc: Exception) -> bool:
+    import kombu.exceptions
+    import redis.exceptions
+
+    return isinstance(exc, kombu.exceptions.OperationalError | redis.exceptions.ConnectionError | TimeoutError)

@@ -1,0 +1,116 @@
+"""The generation task: thin, over the engine.
+
+It validates the payload, runs the engine with a step callback that publishes progress and
+honours cancellation, stores the artifacts and returns the result metadata. The stable public
+name is ``fastgen.generate``; its one argument is a GenerationRequest as a JSON object.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+
+from celery import Celery, Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from fastgen.workers.app import TASK_NAME
+
+from fastgen.artifacts import ArtifactStore
+from fastgen.engine import Engine, Progress
+from fastgen.errors import Cancelled, FastgenError
+from fastgen.jobs import JobStore, open_job_store
+from fastgen.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PROGRESS = "PROGRESS"
+CANCELLED = "CANCELLED"
+
+
+class JobFailed(Exception):
+    """A job that cannot succeed; its message is what the caller reads."""
+
+
+class WorkerContext:
+    """What one worker process keeps warm: the engine with its loaded models, and the stores."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    @cached_property
+    def engine(self) -> Engine:
+        return Engine(self.settings)
+
+    @cached_property
+    def artifacts(self) -> ArtifactStore:
+        return ArtifactStore(self.settings.artifact_url)
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        return open_job_store(self.settings.broker_url, self.settings.data_dir)
+
+    def warm(self, models: list[str]) -> None:
+        """Load the models before the first job arrives."""
+        for name in models:
+            self.engine.pool.get(self.engine.registry.resolve(name))
+
+
+class CancelRequested:
+    """The engine's cancel flag for one job: asked of the job store between steps."""
+
+    def __init__(self, jobs: JobStore, job_id: str):
+        self.jobs, self.job_id = jobs, job_id
+
+    def is_set(self) -> bool:
+        return self.jobs.cancel_requested(self.job_id)
+
+
+def register_tasks(app: Celery, context: WorkerContext) -> None:
+    @app.task(name=TASK_NAME, bind=True)
+    def generate(task: Task, payload: dict) -> dict:
+        return run_job(task, context, payload)
+
+
+def run_job(task: Task, context: WorkerContext, payload: dict) -> dict:
+    job_id = task.request.id
+    attempt = context.jobs.started(job_id)
+    logger.info("job %s: attempt %d", job_id, attempt)
+    try:
+        generation = context.engine.run(
+            payload,
+            on_step=progress_publisher(task, attempt),
+            cancel=CancelRequested(context.jobs, job_id),
+            result_id=job_id,
+        )
+        result = context.artifacts.save(generation)
+    except Cancelled as exc:
+        context.jobs.finished(job_id, "cancelled")
+        task.update_state(state=CANCELLED, meta={"step": exc.step, "total": exc.total})
+        raise Ignore() from None
+    except Exception as exc:
+        context.jobs.finished(job_id, "failed")
+        raise JobFailed(failure_message(exc, context.settings)) from None
+    context.jobs.finished(job_id, "succeeded")
+    return result.model_dump(mode="json")
+
+
+def progress_publisher(task: Task, attempt: int):
+    def publish(progress: Progress) -> None:
+        meta = {
+            "step": progress.step,
+            "total": progress.total,
+            "eta_s": round(progress.eta_s, 3),
+            "elapsed_s": round(progress.elapsed_s, 3),
+            "attempt": attempt,
+        }
+        task.update_state(state=PROGRESS, meta=meta)
+
+    return publish
+
+
+def failure_message(exc: Exception, settings: Settings) -> str:
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return f"the job ran longer than the limit of {settings.job_timeout_s}s (FASTGEN_JOB_TIMEOUT_S)"
+    if isinstance(exc, FastgenError):
+        return str(exc)
+    logger.exception("job failed")
+    return f"internal error: {type(exc).__name__}: {exc}"

@@ -1,0 +1,34 @@
+"""`fastgen worker`: a Celery worker for some models on this host, its engine loaded once per process."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery.signals import worker_process_init
+from fastgen.workers.app import create_celery, queue_name
+from fastgen.workers.tasks import WorkerContext, register_tasks
+
+from fastgen.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def run_worker(settings: Settings, models: list[str], concurrency: int = 1, warm: bool = True) -> None:
+    """Serve ``models``' queues until stopped. Each pool process loads the models once and keeps them."""
+    app = create_celery(settings, models)
+    context = WorkerContext(settings)
+    register_tasks(app, context)
+    if warm:
+        # Load in each pool process after the fork: CUDA and thread pools do not survive a fork.
+        worker_process_init.connect(lambda **_: context.warm(models), weak=False)
+    logger.info("worker for %s on %s", ", ".join(models), settings.broker_url or "the embedded broker")
+    app.Worker(
+        queues=[queue_name(m) for m in models],
+        concurrency=concurrency,
+        pool="prefork",
+        loglevel="INFO",
+        hostname=f"fastgen-{os.getpid()}@%h",
+        without_gossip=True,
+        without_mingle=True,
+    ).start()
