@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
-from fastgen.errors import FastgenError, InvalidRequest
-from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS
+from fastgen.errors import FastgenError, FieldError, InvalidRequest
+from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, GenerationResult
 from fastgen.settings import Settings
 
 FORMAT_BY_SUFFIX = {".jpg": "jpeg", **{f".{fmt}": fmt for fmt in IMAGE_FORMATS + VIDEO_FORMATS}}
@@ -67,7 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-f", "--format", dest="output_format", choices=IMAGE_FORMATS + VIDEO_FORMATS)
     gen.add_argument("--fuse-qkv", action="store_true", help="accelerate: fuse attention Q/K/V projections")
     gen.add_argument("--json", action="store_true", help="print the result metadata as JSON")
+    gen.add_argument("--url", help="run on a fastgen service at this URL instead of in this process")
+    gen.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"), help="key for --url (FASTGEN_API_KEY)")
     gen.set_defaults(command=generate)
+
+    worker = commands.add_parser("worker", help="serve models' job queues on this host")
+    worker.add_argument("--models", help="comma-separated models (default: FASTGEN_MODELS or the built-ins)")
+    worker.add_argument("--concurrency", type=int, default=1, help="pool processes, each with its own models")
+    worker.set_defaults(command=run_worker)
+
+    serve = commands.add_parser("serve", help="the API, the web page and workers in one command")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes to start (0: API only)")
+    serve.add_argument("--models", help="comma-separated models (default: FASTGEN_MODELS or the built-ins)")
+    serve.add_argument("--host", help="listen address (default: FASTGEN_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: FASTGEN_PORT or 8000)")
+    serve.set_defaults(command=run_serve)
 
     models = commands.add_parser("models", help="list the built-in models and their capabilities")
     models.add_argument("--json", action="store_true")
@@ -79,13 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:
-    from fastgen.artifacts import encode
-    from fastgen.engine import Engine
-
     request = request_from_args(args)
-    generation = Engine(settings).run(request, on_step=ProgressBar())
-    result = generation.result
-    (_, data), *_ = encode(generation)
+    result, data = generate_remote(args, request) if args.url else generate_here(settings, request)
     output = args.output or Path(f"{result.id}.{result.output_format}")
     output.write_bytes(data)
     if args.json:
@@ -96,6 +108,32 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
             f"steps={result.steps} {result.timings.total_s:.2f}s"
         )
     return 0
+
+
+def generate_here(settings: Settings, request: dict) -> tuple[GenerationResult, bytes]:
+    from fastgen.artifacts import encode
+    from fastgen.engine import Engine
+
+    generation = Engine(settings).run(request, on_step=ProgressBar())
+    (_, data), *_ = encode(generation)
+    return generation.result, data
+
+
+def generate_remote(args: argparse.Namespace, request: dict) -> tuple[GenerationResult, bytes]:
+    from fastgen.client import FastgenClient, ServiceError
+
+    bar = ProgressBar()
+    with FastgenClient(args.url, api_key=args.api_key) as client:
+        try:
+            job = client.submit(request)
+            status = client.wait(job["id"], on_progress=lambda p: bar(SimpleNamespace(**p)))
+            if status["status"] != "succeeded":
+                raise FastgenError(f"job {job['id']} {status['status']}: {status.get('error') or ''}".strip(": "))
+            return GenerationResult.model_validate(status["result"]), client.result_bytes(job["id"])[0]
+        except ServiceError as exc:
+            if exc.detail:
+                raise InvalidRequest([FieldError(d["field"], d["message"]) for d in exc.detail]) from None
+            raise FastgenError(f"the service answered {exc}") from None
 
 
 def request_from_args(args: argparse.Namespace) -> dict:
@@ -124,14 +162,39 @@ def request_from_args(args: argparse.Namespace) -> dict:
     return request
 
 
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from fastgen.models.registry import ModelRegistry
+    from fastgen.workers.worker import run_worker as start
+
+    models = _models(args.models) or settings.served_models(ModelRegistry(settings.model_dir).names())
+    start(settings, models, concurrency=args.concurrency)
+    return 0
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from fastgen.serve import serve
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    serve(replace(settings, **overrides), workers=args.workers, models=_models(args.models))
+    return 0
+
+
+def _models(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
 class ProgressBar:
     """A one-line progress bar on stderr."""
 
     def __init__(self, width: int = 30, stream=sys.stderr):
         self.width, self.stream = width, stream
+        self.last_step = 0
 
     def __call__(self, progress) -> None:
-        filled = round(self.width * progress.fraction)
+        if progress.step == self.last_step:  # polling a remote job sees the same step several times
+            return
+        self.last_step = progress.step
+        filled = round(self.width * progress.step / max(progress.total, 1))
         bar = "#" * filled + "-" * (self.width - filled)
         end = "\n" if progress.step >= progress.total else ""
         self.stream.write(f"\r[{bar}] step {progress.step}/{progress.total}  ETA {progress.eta_s:5.1f}s{end}")

@@ -56,7 +56,10 @@ class FastgenClient:
         return self._json("GET", "/v1/models")
 
     def wait(
-        self, job_id: str, timeout_s: float = 600.0, poll_s: float = 0.2,
+        self,
+        job_id: str,
+        timeout_s: float = 600.0,
+        poll_s: float = 0.2,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll until the job ends; returns its final status (check ``status`` for succeeded)."""

@@ -142,7 +142,7 @@ class StepMonitor:
 
     def __call__(self, pipe, index: int, timestep, callback_kwargs: dict) -> dict:
         self.steps_done = index + 1
-        self.total = getattr(pipe, "_num_timesteps", None) or self.total
+        self.total = getattr(pipe, "_num_timesteps", None) or self.total  # some schedulers add steps
         self.last_step_at = time.perf_counter()
         elapsed = self.last_step_at - self.start
         eta = elapsed / self.steps_done * (self.total - self.steps_done)
@@ -150,6 +150,10 @@ class StepMonitor:
             self.on_step(Progress(self.steps_done, self.total, elapsed, eta))
         self.check_cancel()
         return callback_kwargs
+
+    def legacy_callback(self, index: int, timestep, latents) -> None:
+        """The older ``callback(step, timestep, latents)`` some pipelines (PixArt) still take instead."""
+        self(None, index, timestep, {"latents": latents})
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -233,11 +237,22 @@ def call_kwargs(pipe, spec: ModelSpec, request: GenerationRequest, seed: int, mo
         # A CPU generator makes the starting noise the same on every device.
         "generator": torch.Generator("cpu").manual_seed(seed),
         "output_type": "np" if spec.kind == "video" else "pil",
-        "callback_on_step_end": monitor,
+        **step_callback(pipe, monitor),
         **spec.call_kwargs,
     }
     accepted = inspect.signature(pipe.__call__).parameters
     return {name: value for name, value in wanted.items() if name in accepted and value is not None}
+
+
+def step_callback(pipe, monitor: StepMonitor) -> dict:
+    """Hook the monitor into whichever step callback this pipeline has."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" in accepted:
+        return {"callback_on_step_end": monitor}
+    if "callback" in accepted:
+        return {"callback": monitor.legacy_callback, "callback_steps": 1}
+    logger.warning("%s has no step callback: no progress or cancellation", type(pipe).__name__)
+    return {}
 
 
 def _timings(started: float, load_s: float, monitor: StepMonitor, finished: float) -> Timings:

@@ -70,16 +70,18 @@ def test_builtin_round_trips_through_save_pretrained(engine, tmp_path, name):
     np.testing.assert_allclose(arrays[0], arrays[1], atol=1e-5 if spec.kind == "video" else 1)
 
 
-def test_progress_reports_every_step_with_eta(engine):
+@pytest.mark.parametrize("model", sorted(BUILDERS))
+def test_progress_reports_every_step_with_eta(engine, model):
     seen = []
-    generation = engine.run(small(steps=5), on_step=seen.append)
+    generation = engine.run(small(model, steps=5), on_step=seen.append)
     assert [p.step for p in seen] == [1, 2, 3, 4, 5]
     assert all(p.total == 5 for p in seen)
     assert seen[-1].eta_s == 0 and all(p.eta_s >= 0 for p in seen)
     assert generation.result.timings.per_step_s > 0
 
 
-def test_cancellation_stops_within_one_step(engine):
+@pytest.mark.parametrize("model", sorted(BUILDERS))
+def test_cancellation_stops_within_one_step(engine, model):
     cancel = threading.Event()
     seen = []
 
@@ -89,7 +91,7 @@ def test_cancellation_stops_within_one_step(engine):
             cancel.set()
 
     with pytest.raises(Cancelled) as info:
-        engine.run(small(steps=10), on_step=on_step, cancel=cancel)
+        engine.run(small(model, steps=10), on_step=on_step, cancel=cancel)
     assert (info.value.step, info.value.total) == (2, 10)
     assert seen == [1, 2]
 

@@ -21,12 +21,17 @@ from fastgen.settings import Settings
 
 TASK_NAME = "fastgen.generate"
 EXCHANGE = Exchange("fastgen", type="direct")
-VISIBILITY_MARGIN_S = 30  # time between a job's hard limit and Redis handing its message to another worker
+VISIBILITY_MARGIN_S = 30  # at most this long between a job's hard limit and Redis handing it to another worker
 
 
 def queue_name(model: str) -> str:
     """One queue per model, so a worker only takes work for what it has loaded."""
     return "fastgen." + re.sub(r"[^A-Za-z0-9_-]+", "_", model).strip("_")
+
+
+def visibility_timeout(job_timeout_s: int) -> int:
+    """Longer than any job may run, so a slow job is never handed to a second worker while it runs."""
+    return job_timeout_s + min(VISIBILITY_MARGIN_S, job_timeout_s)
 
 
 def is_redis(url: str | None) -> bool:
@@ -65,7 +70,7 @@ def _transport(settings: Settings) -> dict:
             "broker_url": settings.broker_url,
             "result_backend": settings.broker_url,
             "broker_transport_options": {
-                "visibility_timeout": settings.job_timeout_s + VISIBILITY_MARGIN_S,
+                "visibility_timeout": visibility_timeout(settings.job_timeout_s),
                 "unacked_restore_interval": 1,
                 "unacked_restore_throttle": 1,
                 "socket_connect_timeout": 2,

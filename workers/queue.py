@@ -50,8 +50,8 @@ class QueueUnavailable(FastgenError):
 class JobProgress(BaseModel):
     step: int
     total: int
-    eta_s: float
-    elapsed_s: float
+    eta_s: float = 0.0
+    elapsed_s: float = 0.0
 
 
 class JobStatus(BaseModel):
@@ -140,8 +140,8 @@ class JobQueue:
         state = CELERY_STATES.get(meta["status"], "running")
         status = JobStatus(id=job.id, status=state, model=job.model, submitted_at=job.submitted_at)
         info = meta.get("result")
-        if state == "running" and isinstance(info, dict) and "step" in info:
-            status.progress = JobProgress(**{k: info[k] for k in JobProgress.model_fields})
+        if state in ("running", "cancelled") and isinstance(info, dict) and "step" in info:
+            status.progress = JobProgress(**{k: info[k] for k in JobProgress.model_fields if k in info})
         elif state == "succeeded":
             status.result = GenerationResult.model_validate(info)
         elif state == "failed":

@@ -8,8 +8,10 @@ name is ``fastgen.generate``; its one argument is a GenerationRequest as a JSON 
 from __future__ import annotations
 
 import logging
+import os
 from functools import cached_property
 
+import torch
 from celery import Celery, Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from fastgen.workers.app import TASK_NAME
@@ -48,8 +50,10 @@ class WorkerContext:
     def jobs(self) -> JobStore:
         return open_job_store(self.settings.broker_url, self.settings.data_dir)
 
-    def warm(self, models: list[str]) -> None:
-        """Load the models before the first job arrives."""
+    def start_process(self, models: list[str], processes: int) -> None:
+        """Share the CPU cores among the pool's processes and load the models before the first job."""
+        if self.engine.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
         for name in models:
             self.engine.pool.get(self.engine.registry.resolve(name))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from celery.signals import worker_process_init
 from fastgen.workers.app import create_celery, queue_name
@@ -19,16 +20,15 @@ def run_worker(settings: Settings, models: list[str], concurrency: int = 1, warm
     app = create_celery(settings, models)
     context = WorkerContext(settings)
     register_tasks(app, context)
-    if warm:
-        # Load in each pool process after the fork: CUDA and thread pools do not survive a fork.
-        worker_process_init.connect(lambda **_: context.warm(models), weak=False)
+    # Set up each pool process after the fork: CUDA and thread pools do not survive a fork.
+    worker_process_init.connect(lambda **_: context.start_process(models if warm else [], concurrency), weak=False)
     logger.info("worker for %s on %s", ", ".join(models), settings.broker_url or "the embedded broker")
     app.Worker(
         queues=[queue_name(m) for m in models],
         concurrency=concurrency,
         pool="prefork",
         loglevel="INFO",
-        hostname=f"fastgen-{os.getpid()}@%h",
+        hostname=f"fastgen-{os.getpid()}@{socket.gethostname()}",
         without_gossip=True,
         without_mingle=True,
     ).start()

@@ -1,0 +1,90 @@
+"""`fastgen serve`: the API, the UI and worker processes in one command.
+
+Workers run as `fastgen worker` subprocesses, each in its own process group so that stopping
+the service (Ctrl-C, SIGTERM) takes down each worker with its pool children: no orphans keep a
+model in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from fastgen.settings import Settings
+
+logger = logging.getLogger(__name__)
+STOP_GRACE_S = 10
+
+
+@dataclass
+class WorkerProcesses:
+    processes: list[subprocess.Popen]
+
+    @classmethod
+    def start(cls, count: int, models: list[str], concurrency: int = 1) -> WorkerProcesses:
+        command = [
+            sys.executable,
+            "-m",
+            "fastgen",
+            "worker",
+            "--models",
+            ",".join(models),
+            "--concurrency",
+            str(concurrency),
+        ]
+        return cls([subprocess.Popen(command, start_new_session=True) for _ in range(count)])
+
+    def stop(self) -> None:
+        """SIGTERM each worker's whole process group (a warm shutdown), then SIGKILL what is left."""
+        for process in self.processes:
+            _signal_group(process, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                logger.warning("worker %d did not stop in %ss; killing it", process.pid, STOP_GRACE_S)
+            _signal_group(process, signal.SIGKILL)  # pool children a dead parent left behind
+            process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def serve(settings: Settings, workers: int = 1, models: list[str] | None = None) -> None:
+    """Run until Ctrl-C: workers for ``models`` (default: every served model) and the API on host:port."""
+    import uvicorn
+
+    from fastgen.api import create_api
+    from fastgen.models.registry import ModelRegistry
+
+    models = models or settings.served_models(ModelRegistry(settings.model_dir).names())
+    app = create_api(settings)
+    pool = WorkerProcesses.start(workers, models)
+    base = f"http://{settings.host}:{settings.port}"
+    print(
+        f"fastgen is serving {', '.join(models)} with {workers} worker(s) on "
+        f"{settings.broker_url or 'the embedded broker'}\n  web page: {base}/ui\n  API docs: {base}/docs",
+        flush=True,
+    )
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers that
+    # becomes an exception here, so the workers are stopped before the process ends.
+    signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        print("stopping workers", flush=True)
+        pool.stop()
+
+
+def _raise_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)

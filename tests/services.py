@@ -1,0 +1,162 @@
+"""Real processes for the service tests: a Redis server, fastgen workers and the API, on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from fastgen.client import FastgenClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, keeping nothing on disk."""
+
+    def __init__(self, workdir: Path):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server) and REDIS_URL is unset")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 10, "redis-server to start")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class Process:
+    """A fastgen command in its own process group, with its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+        self.log_path = log
+        self._log = log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fastgen", *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def group_alive(self) -> bool:
+        """Whether any process of the group still runs (zombies, dead but unreaped, do not count)."""
+        return any(state != "Z" and pgid == self.process.pid for state, pgid in _process_table())
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+        if self.group_alive():
+            self.kill(signal.SIGKILL)
+        self._log.close()
+
+
+def _process_table() -> list[tuple[str, int]]:
+    """(state, process group) of every process, from /proc."""
+    table = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        table.append((fields[0], int(fields[2])))
+    return table
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def service_env(data_dir: Path, **fastgen: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTGEN_")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", FASTGEN_DATA_DIR=str(data_dir))
+    env.update({f"FASTGEN_{k.upper()}": v for k, v in fastgen.items()})
+    return env
+
+
+class Api:
+    """`fastgen serve` over real HTTP (with no workers unless asked)."""
+
+    def __init__(self, env: dict[str, str], log: Path, workers: int = 0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = Process(["serve", "--workers", str(workers), "--port", str(self.port)], env, log)
+        wait_until(self._up, 60, f"the API on {self.url}; log:\n{self.process.log()}", 0.2)
+
+    def _up(self) -> bool:
+        if self.process.process.poll() is not None:
+            raise RuntimeError(f"the API exited:\n{self.process.log()}")
+        try:
+            return httpx.get(f"{self.url}/openapi.json", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client(self, api_key: str | None = None) -> FastgenClient:
+        return FastgenClient(self.url, api_key=api_key)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def worker(env: dict[str, str], log: Path, models: str = "tiny-sd") -> Process:
+    return Process(["worker", "--models", models], env, log)

@@ -1,0 +1,256 @@
+"""The job service end to end: a real Redis, real worker processes, the API over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+from services import Api, RedisServer, free_port, pid_alive, service_env, wait_until, worker
+
+from fastgen.client import ServiceError
+
+pytestmark = pytest.mark.timeout(240)
+JOB_TIMEOUT_S = "15"
+
+
+def quick(**fields) -> dict:
+    return {"prompt": "a red circle", "model": "tiny-sd", "width": 64, "height": 64, "steps": 4, "seed": 3, **fields}
+
+
+def long_job(**fields) -> dict:
+    return quick(width=256, height=256, steps=100, **fields)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def service(redis_url, tmp_path_factory):
+    """One tiny-sd worker and an open API, both on Redis."""
+    data_dir = tmp_path_factory.mktemp("service")
+    env = service_env(data_dir, broker_url=redis_url, job_timeout_s=JOB_TIMEOUT_S)
+    sd_worker = worker(env, data_dir / "worker.log")
+    api = Api(env, data_dir / "api.log")
+    yield SimpleNamespace(api=api, worker=sd_worker, env=env, data_dir=data_dir, redis=redis.Redis.from_url(redis_url))
+    api.stop()
+    sd_worker.stop()
+
+
+@pytest.fixture()
+def client(service):
+    with service.api.client() as client:
+        yield client
+
+
+def test_submit_poll_download(client):
+    job = client.submit(quick(steps=12, width=128, height=96))
+    assert job["status"] == "queued" and job["status_url"] == f"/v1/jobs/{job['id']}"
+    seen = []
+    status = client.wait(job["id"], timeout_s=120, poll_s=0.02, on_progress=seen.append)
+    assert status["status"] == "succeeded", status
+    assert status["result"]["seed"] == 3 and status["result"]["steps"] == 12
+    assert all(p["total"] == 12 and 1 <= p["step"] <= 12 for p in seen)
+    data, media_type = client.result_bytes(job["id"])
+    assert media_type == "image/png"
+    assert Image.open(io.BytesIO(data)).size == (128, 96)
+
+
+def test_direct_celery_submission_from_a_process_that_only_has_the_broker_url(service, redis_url, client):
+    script = (
+        "import json, sys\n"
+        "from fastgen.workers import submit\n"
+        "result = submit(json.loads(sys.argv[1]), broker_url=sys.argv[2])\n"
+        "print(json.dumps({'id': result.id, 'result': result.get(timeout=120)}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTGEN_")}
+    run = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(quick(seed=11)), redis_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert answer["result"]["seed"] == 11 and answer["result"]["artifacts"][0]["media_type"] == "image/png"
+    assert client.status(answer["id"])["status"] == "succeeded"  # the REST side sees it too
+
+
+def test_cancel_a_running_job_and_the_worker_stays_healthy(service, client):
+    job = client.submit(long_job())
+    running = wait_until(lambda: _running_at_step(client, job["id"], 2), 120, "the job to run")
+    client.cancel(job["id"])
+    cancelled_at = time.monotonic()
+    status = client.wait(job["id"], timeout_s=60, poll_s=0.02)
+    assert status["status"] == "cancelled"
+    assert running["step"] <= status["progress"]["step"] < 100
+    per_step = running["elapsed_s"] / running["step"]
+    assert time.monotonic() - cancelled_at < 10 * per_step + 2
+    assert service.worker.group_alive()
+    assert client.wait(client.submit(quick())["id"], timeout_s=60)["status"] == "succeeded"
+
+
+def _running_at_step(client, job_id: str, step: int):
+    status = client.status(job_id)
+    assert status["status"] in ("queued", "running"), status
+    progress = status.get("progress")
+    return progress if progress and progress["step"] >= step else None
+
+
+def test_cancel_a_queued_job_means_it_never_runs(service, client):
+    blocker = client.submit(long_job())
+    queued = client.submit(quick())
+    assert client.cancel(queued["id"])["status"] == "cancelled"
+    client.cancel(blocker["id"])
+    assert client.wait(blocker["id"], timeout_s=60)["status"] == "cancelled"
+    time.sleep(1)  # the worker takes the cancelled job next and must drop it
+    assert client.status(queued["id"])["status"] == "cancelled"
+    assert service.redis.hget(f"fastgen:job:{queued['id']}", "attempts") in (None, b"1")
+
+
+def test_worker_killed_mid_job_the_job_completes_exactly_once(service, client):
+    log = service.data_dir / "pixart-worker.log"
+    first = worker(service.env, log, models="tiny-pixart")
+    try:
+        job = client.submit({"prompt": "a boat", "model": "tiny-pixart", "width": 512, "height": 512, "steps": 60})
+        wait_until(lambda: _running_at_step(client, job["id"], 2), 120, "the job to run")
+    finally:
+        first.kill(signal.SIGKILL)
+    assert not first.group_alive()
+    second = worker(service.env, log, models="tiny-pixart")
+    try:
+        status = client.wait(job["id"], timeout_s=150)
+    finally:
+        second.stop()
+    assert status["status"] == "succeeded", status
+    record = service.redis.hgetall(f"fastgen:job:{job['id']}")
+    assert record[b"attempts"] == b"2" and record[b"state"] == b"succeeded"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ("{not json", "request", "JSON"),
+        ("[1, 2]", "request", "object"),
+        (json.dumps({"model": "tiny-sd"}), "prompt", "Field required"),
+        (json.dumps(quick(steps=1000)), "steps", "at most 100 (FASTGEN_MAX_STEPS)"),
+        (json.dumps(quick(width=4096)), "width", "at most 2048 (FASTGEN_MAX_SIDE)"),
+        (json.dumps(quick(width=1536, height=1536)), "height", "FASTGEN_MAX_PIXELS"),
+        (json.dumps(quick(guidance=99)), "guidance", "FASTGEN_MAX_GUIDANCE"),
+        (json.dumps(quick(prompt="x" * 3000)), "prompt", "FASTGEN_MAX_PROMPT_CHARS"),
+        (json.dumps(quick(num_frames=9)), "num_frames", "only video models"),
+        (json.dumps(quick(width=60)), "width", "multiple of 8"),
+        (json.dumps(quick(model="nope")), "model", "not served here"),
+        (json.dumps(quick(colour="red")), "colour", "not a known field"),
+        (json.dumps(quick(loras=[{"name": "../x"}])), "loras.0.name", "no paths"),
+    ],
+)
+def test_invalid_input_is_422_naming_the_field(service, body, field, words):
+    response = httpx.post(f"{service.api.url}/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail[0]["field"] == field and words in detail[0]["message"], detail
+
+
+def test_unknown_job_is_404(client):
+    with pytest.raises(ServiceError) as info:
+        client.status("0123456789abcdef")
+    assert info.value.status_code == 404 and "no job" in info.value.message
+    with pytest.raises(ServiceError) as info:
+        client.result_bytes("0123456789abcdef")
+    assert info.value.status_code == 404
+
+
+def test_result_of_an_unfinished_job_is_409(client):
+    job = client.submit(long_job())
+    with pytest.raises(ServiceError) as info:
+        client.result_bytes(job["id"])
+    assert info.value.status_code == 409
+    client.cancel(job["id"])
+    client.wait(job["id"], timeout_s=60)
+
+
+def test_models_health_metrics_and_docs(service, client):
+    assert [m["name"] for m in client.models()] == ["tiny-pixart", "tiny-sd", "tiny-wan"]
+    assert httpx.get(f"{service.api.url}/healthz").json()["status"] == "ok"
+    client.wait(client.submit(quick())["id"], timeout_s=60)
+    metrics = httpx.get(f"{service.api.url}/metrics").text
+    assert 'fastgen_queue_depth{queue="fastgen.tiny-sd"} 0' in metrics
+    succeeded = int(metrics.split('fastgen_jobs{state="succeeded"} ')[1].split()[0])
+    count = int(metrics.split("fastgen_job_latency_seconds_count ")[1].split()[0])
+    assert succeeded >= 1 and count >= succeeded
+    assert "/v1/jobs" in httpx.get(f"{service.api.url}/openapi.json").json()["paths"]
+
+
+def test_tenants_see_only_their_own_jobs(service, tmp_path):
+    env = {**service.env, "FASTGEN_API_KEYS": "alice-key=alice,bob-key=bob"}
+    api = Api(env, tmp_path / "api-keys.log")
+    try:
+        with api.client("alice-key") as alice, api.client("bob-key") as bob, api.client() as nobody:
+            job = alice.submit(quick())
+            assert alice.wait(job["id"], timeout_s=60)["status"] == "succeeded"
+            for call in (bob.status, bob.result_bytes, bob.cancel):
+                with pytest.raises(ServiceError) as info:
+                    call(job["id"])
+                assert info.value.status_code == 404
+            with pytest.raises(ServiceError) as info:
+                nobody.submit(quick())
+            assert info.value.status_code == 401 and "API key" in info.value.message
+    finally:
+        api.stop()
+    assert "open to anyone" not in (tmp_path / "api-keys.log").read_text()
+
+
+def test_broker_down_is_503_not_a_hang(service, tmp_path):
+    env = {**service.env, "FASTGEN_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    api = Api(env, tmp_path / "api-down.log")
+    try:
+        started = time.monotonic()
+        response = httpx.post(f"{api.url}/v1/jobs", json=quick(), timeout=30)
+        assert response.status_code == 503 and "unreachable" in response.json()["error"]
+        assert time.monotonic() - started < 15
+        assert httpx.get(f"{api.url}/healthz", timeout=30).status_code == 503
+        assert httpx.get(f"{api.url}/v1/jobs/abc", timeout=30).status_code == 503
+    finally:
+        api.stop()
+
+
+def test_embedded_mode_serves_without_any_server(tmp_path):
+    """`fastgen serve` with no broker configured: filesystem queue, file results, SQLite job store."""
+    api = Api(service_env(tmp_path, job_timeout_s=JOB_TIMEOUT_S), tmp_path / "serve.log", workers=1)
+    try:
+        with api.client() as client:
+            job = client.submit(quick(steps=6))
+            status = client.wait(job["id"], timeout_s=120)
+            assert status["status"] == "succeeded", (status, api.process.log())
+            assert Image.open(io.BytesIO(client.result_bytes(job["id"])[0])).size == (64, 64)
+            assert "open to anyone" in api.process.log()
+        workers = _children(api.process.process.pid)
+        assert workers
+    finally:
+        api.process.process.send_signal(signal.SIGINT)
+        api.process.process.wait(30)
+    wait_until(lambda: not any(pid_alive(pid) for pid in workers), 20, "workers to stop after Ctrl-C")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    pids = [int(p) for p in out.split()]
+    return pids + [grandchild for child in pids for grandchild in _children(child)]
