@@ -21,6 +21,14 @@ IMAGE_FORMATS = ("png", "jpeg", "webp")
 VIDEO_FORMATS = ("mp4", "gif")
 OutputFormat = Literal["png", "jpeg", "webp", "mp4", "gif"]
 MAX_SEED = 2**63 - 1
+# Fields whose upper bound is an operator's limit, and the Limits attribute that holds it.
+UPPER_LIMITS = {
+    "width": "max_side",
+    "height": "max_side",
+    "steps": "max_steps",
+    "guidance": "max_guidance",
+    "num_frames": "max_frames",
+}
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -88,43 +96,25 @@ class GenerationRequest(Strict):
             raise PydanticCustomError("blank", "must not be blank")
         return v
 
-    @field_validator("width", "height")
+    @field_validator(*UPPER_LIMITS)
     @classmethod
-    def _side(cls, v: int | None, info: ValidationInfo) -> int | None:
-        limits = _limits(info)
-        if v is not None and v > limits.max_side:
-            raise _over("max_side", limits.max_side, v)
-        width = info.data.get("width")
-        if info.field_name == "height" and v is not None and width is not None and v * width > limits.max_pixels:
+    def _at_most(cls, v: float | None, info: ValidationInfo) -> float | None:
+        limit_name = UPPER_LIMITS[info.field_name]
+        limit = getattr(_limits(info), limit_name)
+        if v is not None and v > limit:
+            raise _over(limit_name, limit, v)
+        return v
+
+    @field_validator("height")
+    @classmethod
+    def _pixels(cls, v: int | None, info: ValidationInfo) -> int | None:
+        limit, width = _limits(info).max_pixels, info.data.get("width")
+        if v is not None and width is not None and v * width > limit:
             raise PydanticCustomError(
                 "over_limit",
                 "width x height = {pixels} pixels, over the limit of {limit} (FASTGEN_MAX_PIXELS)",
-                {"pixels": v * width, "limit": limits.max_pixels},
+                {"pixels": v * width, "limit": limit},
             )
-        return v
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: int | None, info: ValidationInfo) -> int | None:
-        limit = _limits(info).max_steps
-        if v is not None and v > limit:
-            raise _over("max_steps", limit, v)
-        return v
-
-    @field_validator("guidance")
-    @classmethod
-    def _guidance(cls, v: float | None, info: ValidationInfo) -> float | None:
-        limit = _limits(info).max_guidance
-        if v is not None and v > limit:
-            raise _over("max_guidance", limit, v)
-        return v
-
-    @field_validator("num_frames")
-    @classmethod
-    def _frames(cls, v: int | None, info: ValidationInfo) -> int | None:
-        limit = _limits(info).max_frames
-        if v is not None and v > limit:
-            raise _over("max_frames", limit, v)
         return v
 
     @field_validator("loras")
@@ -162,15 +152,8 @@ def request_schema(limits: Limits) -> dict[str, Any]:
     """The request's JSON schema with this service's limits written in as maxima."""
     schema = GenerationRequest.model_json_schema()
     props = schema["properties"]
-    maxima = {
-        "width": limits.max_side,
-        "height": limits.max_side,
-        "steps": limits.max_steps,
-        "guidance": limits.max_guidance,
-        "num_frames": limits.max_frames,
-    }
-    for name, maximum in maxima.items():
-        _nullable_variant(props[name])["maximum"] = maximum
+    for name, limit_name in UPPER_LIMITS.items():
+        _nullable_variant(props[name])["maximum"] = getattr(limits, limit_name)
     props["prompt"]["maxLength"] = limits.max_prompt_chars
     props["negative_prompt"]["maxLength"] = limits.max_prompt_chars
     props["loras"]["maxItems"] = limits.max_loras
