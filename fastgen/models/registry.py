@@ -94,7 +94,12 @@ class ModelSpec:
                 "output_format": request.output_format or self.default_format,
             }
         )
-        errors = self._size_errors(filled) + self._video_errors(request, filled) + self._acceleration_errors(filled)
+        errors = [
+            *self._size_errors(filled),
+            *self._video_errors(request, filled),
+            *self._acceleration_errors(filled),
+            *self._lora_errors(filled),
+        ]
         if errors:
             raise InvalidRequest(errors)
         return filled
@@ -138,6 +143,10 @@ class ModelSpec:
             for name in asked
             if name not in self.accelerations
         ]
+
+    def _lora_errors(self, r: GenerationRequest) -> list[FieldError]:
+        # Refused rather than ignored until the LoRA library exists: a request must get what it asked for.
+        return [FieldError("loras", "LoRA adapters are not available on this service yet")] if r.loras else []
 
 
 def _is_on(option: Any) -> bool:
