@@ -48,7 +48,7 @@ def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     """Both inputs as float64 arrays of shape (frames, H, W, C), checked to match."""
     x, y = _frames(a), _frames(b)
     if x.shape != y.shape:
-        raise ValueError(f"images differ in shape: {x.shape} vs {y.shape}")
+        raise ValueError(f"images differ in shape (frames, height, width, channels): {x.shape} vs {y.shape}")
     return x, y
 
 
