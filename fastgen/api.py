@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -52,7 +53,7 @@ def create_api(settings: Settings, queue: JobQueue | None = None, artifacts: Art
     @app.post("/v1/jobs", status_code=202, openapi_extra=_request_body(settings))
     async def submit_job(request: Request, tenant: str = Depends(tenant_of)) -> JSONResponse:
         body = await request.body()
-        job = queue.submit(body, tenant)
+        job = await run_in_threadpool(queue.submit, body, tenant)  # Redis and the broker block
         url = f"/v1/jobs/{job.id}"
         content = {
             "id": job.id,

@@ -26,17 +26,12 @@ class WorkerProcesses:
 
     @classmethod
     def start(cls, count: int, models: list[str], concurrency: int = 1) -> WorkerProcesses:
-        command = [
-            sys.executable,
-            "-m",
-            "fastgen",
-            "worker",
-            "--models",
-            ",".join(models),
-            "--concurrency",
-            str(concurrency),
-        ]
-        return cls([subprocess.Popen(command, start_new_session=True) for _ in range(count)])
+        command = [sys.executable, "-m", "fastgen", "worker", "--models", ",".join(models)]
+        command += ["--concurrency", str(concurrency)]
+        # The workers share this host's cores: one thread pool each, sized so they do not oversubscribe.
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, count * concurrency)))
+        env = {"OMP_NUM_THREADS": threads, **os.environ}
+        return cls([subprocess.Popen(command, env=env, start_new_session=True) for _ in range(count)])
 
     def stop(self) -> None:
         """SIGTERM each worker's whole process group (a warm shutdown), then SIGKILL what is left."""

@@ -93,15 +93,18 @@ class Process:
         """Whether any process of the group still runs (zombies, dead but unreaped, do not count)."""
         return any(state != "Z" and pgid == self.process.pid for state, pgid in _process_table())
 
-    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+    def kill(self, sig: signal.Signals = signal.SIGKILL, wait_s: float = 30) -> None:
         try:
             os.killpg(self.process.pid, sig)
         except ProcessLookupError:
             pass
-        self.process.wait(30)
+        try:
+            self.process.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            pass
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+        self.kill(signal.SIGTERM, wait_s=15)
         if self.group_alive():
             self.kill(signal.SIGKILL)
         self._log.close()

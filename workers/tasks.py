@@ -52,7 +52,9 @@ class WorkerContext:
 
     def start_process(self, models: list[str], processes: int) -> None:
         """Share the CPU cores among the pool's processes and load the models before the first job."""
-        if self.engine.device.type == "cpu":
+        if self.engine.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            # torch takes OMP_NUM_THREADS when set (`fastgen serve` sets it for several workers); more
+            # threads than cores make every process spin and crawl.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
         for name in models:
             self.engine.pool.get(self.engine.registry.resolve(name))
