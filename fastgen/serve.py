@@ -34,9 +34,9 @@ class WorkerProcesses:
         return cls([subprocess.Popen(command, env=env, start_new_session=True) for _ in range(count)])
 
     def stop(self) -> None:
-        """SIGTERM each worker's whole process group (a warm shutdown), then SIGKILL what is left."""
+        """SIGTERM each worker (a warm shutdown: it stops its pool), then SIGKILL what is left of its group."""
         for process in self.processes:
-            _signal_group(process, signal.SIGTERM)
+            process.terminate()
         for process in self.processes:
             try:
                 process.wait(STOP_GRACE_S)
