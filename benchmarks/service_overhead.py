@@ -83,7 +83,7 @@ from fastgen.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from services import Process, free_port, service_env, wait_until, worker  # noqa: E402  (the service tests' helpers)
+from services import Process, RedisServer, free_port, service_env, wait_until, worker  # noqa: E402  (the service tests' helpers)
 
 logger = logging.getLogger("benchmarks.service_overhead")
 
@@ -192,66 +192,11 @@ def plain_reference(data_dir: Path, request: dict[str, Any], runs: int) -> dict[
 # --- the service ---------------------------------------------------------------------------------------------
 
 
-class RedisProcess:
-    """A private redis-server on a free loopback port, in its own process group, keeping nothing on disk."""
-
-    def __init__(self, workdir: Path):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.process = subprocess.Popen(
-            [binary, *args, "--dir", str(workdir)], stdout=subprocess.DEVNULL, start_new_session=True
-        )
-
-    def wait_ready(self) -> None:
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-        wait_until(lambda: _pings(client), 10, "redis-server to answer")
-
-    def stop(self) -> None:
-        stop_group(self.process)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.exceptions.ConnectionError:
-        return False
-
-
-def stop_group(process: subprocess.Popen, grace_s: float = 15) -> None:
-    """SIGTERM the process's whole group, then SIGKILL whatever of it is left (pool children included)."""
-    _signal_group(process, signal.SIGTERM)
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        logger.warning("process group %d did not stop in %ss; killing it", process.pid, grace_s)
-    _signal_group(process, signal.SIGKILL)
-    process.wait()
-
-
-def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def stop_process(proc: Process) -> None:
-    """``Process.stop`` (SIGTERM to the group, SIGKILL if any of it is left), SIGKILL if SIGTERM hangs."""
-    try:
-        proc.stop()
-    except subprocess.TimeoutExpired:
-        proc.kill(signal.SIGKILL)
-
-
 @dataclass
 class Service:
     """The running service: its Redis, its workers and its API."""
 
-    redis: RedisProcess
+    redis: RedisServer
     url: str
     workers: list[Process]
     api: Process
@@ -268,17 +213,16 @@ class Service:
 
 def start_service(stack: ExitStack, workdir: Path, workers: int) -> Service:
     """Redis, the workers and the API, each stopped by ``stack`` however the run ends; returns once all are warm."""
-    server = RedisProcess(workdir)
+    server = RedisServer(workdir)
     stack.callback(server.stop)
-    server.wait_ready()
     env = service_env(workdir / "data", broker_url=server.url)
     procs = []
     for i in range(workers):
         procs.append(worker(env, workdir / f"worker-{i}.log", models=MODEL))
-        stack.callback(stop_process, procs[-1])
+        stack.callback(procs[-1].stop)
     port = free_port()
     api = Process(["serve", "--workers", "0", "--port", str(port)], env, workdir / "api.log")
-    stack.callback(stop_process, api)
+    stack.callback(api.stop)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _api_up(api, url), STARTUP_TIMEOUT_S, f"the API on {url}", 0.2)
     for proc in procs:

@@ -34,23 +34,26 @@ class WorkerProcesses:
         return cls([subprocess.Popen(command, env=env, start_new_session=True) for _ in range(count)])
 
     def stop(self) -> None:
-        """SIGTERM each worker (a warm shutdown: it stops its pool), then SIGKILL what is left of its group."""
+        """Warm-stop every worker at once, then make sure each is gone with its whole process group."""
         for process in self.processes:
             process.terminate()
         for process in self.processes:
-            try:
-                process.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                logger.warning("worker %d did not stop in %ss; killing it", process.pid, STOP_GRACE_S)
-            _signal_group(process, signal.SIGKILL)  # pool children a dead parent left behind
-            process.wait()
+            stop_process_group(process)
 
 
-def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+def stop_process_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the group's leader (a warm shutdown), then SIGKILL whatever of its group is left."""
+    if process.poll() is None:
+        process.terminate()
     try:
-        os.killpg(process.pid, sig)
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("process %d did not stop in %ss; killing its group", process.pid, grace_s)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # pool children a dead parent left behind
     except ProcessLookupError:
         pass
+    process.wait()
 
 
 def serve(settings: Settings, workers: int = 1, models: list[str] | None = None) -> None:

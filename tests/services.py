@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from fastgen.client import FastgenClient
+from fastgen.serve import stop_process_group
 
 
 def free_port() -> int:
@@ -33,7 +34,7 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.05)
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port, keeping nothing on disk."""
+    """A throwaway redis-server on a free loopback port, in its own process group, keeping nothing on disk."""
 
     def __init__(self, workdir: Path):
         binary = shutil.which("redis-server")
@@ -41,23 +42,15 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server) and REDIS_URL is unset")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
+            [binary, *args, "--dir", str(workdir)], stdout=subprocess.DEVNULL, start_new_session=True
         )
-        wait_until(self._answers, 10, "redis-server to start")
+        try:
+            wait_until(self._answers, 10, "redis-server to start")
+        except BaseException:
+            self.stop()
+            raise
 
     def _answers(self) -> bool:
         try:
@@ -68,8 +61,7 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
+        stop_process_group(self.process)
 
 
 class Process:
@@ -93,20 +85,16 @@ class Process:
         """Whether any process of the group still runs (zombies, dead but unreaped, do not count)."""
         return any(state != "Z" and pgid == self.process.pid for state, pgid in _process_table())
 
-    def kill(self, sig: signal.Signals = signal.SIGKILL, wait_s: float = 30) -> None:
+    def kill(self) -> None:
+        """SIGKILL the whole group at once, as a crash would."""
         try:
-            os.killpg(self.process.pid, sig)
+            os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        try:
-            self.process.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            pass
+        self.process.wait()
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM, wait_s=15)
-        if self.group_alive():
-            self.kill(signal.SIGKILL)
+        stop_process_group(self.process, grace_s=15)
         self._log.close()
 
 
@@ -144,7 +132,11 @@ class Api:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = Process(["serve", "--workers", str(workers), "--port", str(self.port)], env, log)
-        wait_until(self._up, 60, f"the API on {self.url}; log:\n{self.process.log()}", 0.2)
+        try:
+            wait_until(self._up, 60, f"the API on {self.url}", 0.2)
+        except BaseException:
+            self.stop()
+            raise
 
     def _up(self) -> bool:
         if self.process.process.poll() is not None:

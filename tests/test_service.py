@@ -132,7 +132,7 @@ def test_worker_killed_mid_job_the_job_completes_exactly_once(service, client):
         job = client.submit({"prompt": "a boat", "model": "tiny-pixart", "width": 512, "height": 512, "steps": 60})
         wait_until(lambda: _running_at_step(client, job["id"], 2), 120, "the job to run")
     finally:
-        first.kill(signal.SIGKILL)
+        first.kill()
     assert not first.group_alive()
     second = worker(service.env, log, models="tiny-pixart")
     try:
