@@ -7,6 +7,7 @@ object as its one argument, to the queue ``fastgen.<model>`` (see :func:`queue_n
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from celery.result import AsyncResult
@@ -28,7 +29,7 @@ def submit(
     """
     settings = settings or Settings.from_env()
     if broker_url is not None:
-        settings = Settings(**{**vars(settings), "broker_url": broker_url})
+        settings = replace(settings, broker_url=broker_url)
     queue = JobQueue(settings)
     job = queue.submit(request, tenant)
     return queue.celery.AsyncResult(job.id)
