@@ -88,6 +88,7 @@ def _transport(settings: Settings) -> dict:
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),
             "processed_folder": str(_folder(settings, "broker-processed")),
+            "control_folder": str(_folder(settings, "broker-control")),  # default is ./control in the cwd
             "store_processed": False,
             "polling_interval": 0.05,
         },
