@@ -20,6 +20,8 @@ What is measured, per model:
   (one-step runs of the first prompt, before the warm-up and after the last pair).
 
 Random weights make the images noise, but the layer shapes, and so the cost of every matmul, are the real ones.
+So the quality harness (``fastgen.harness``) also runs on the trained ``fastgen-shapes`` model: speed, PSNR/SSIM
+and prompt adherence of fused against exact images on every held-out caption.
 
 Run from the repository root (defaults: 256x256, 6 steps, 3 repeats, 2 threads; about 5 minutes on 2 CPU
 cores)::
@@ -54,9 +56,11 @@ from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel, StableDiffu
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from fastgen.accelerators.fuse_qkv import FuseQKVConfig, apply, denoiser
-from fastgen.engine import resolve_device, resolve_dtype, to_uint8
+from fastgen.engine import Engine, resolve_device, resolve_dtype, to_uint8
+from fastgen.harness import compare, engine_generate, heldout_captions
 from fastgen.models.builtin import _seeded, build_tiny_pixart, build_tiny_sd
 from fastgen.quality import psnr, ssim
+from fastgen.settings import Settings
 
 logger = logging.getLogger("benchmarks.fuse_qkv")
 
@@ -194,6 +198,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", help="float16 on cuda, float32 on cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for fuse_qkv.json and fuse_qkv.md")
+    parser.add_argument(
+        "--adherence-captions", type=int, default=0, help="held-out captions for fastgen-shapes (0: all)"
+    )
     args = parser.parse_args(argv)
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in args.models if name not in MODELS]
@@ -375,6 +382,12 @@ def bench_model(case: ModelCase, prompts: list[tuple[int, str]], args, device, d
     }
 
 
+def shapes_adherence(captions: int, device: str, dtype: str) -> dict[str, Any]:
+    """The quality harness on the trained fastgen-shapes model: speed, PSNR/SSIM and adherence, fused vs exact."""
+    engine = Engine(Settings(device=device, dtype=dtype))
+    return compare(engine_generate(engine), engine_generate(engine, {"fuse_qkv": True}), heldout_captions(captions))
+
+
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
@@ -416,7 +429,18 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{machine['torch_threads']} threads, {machine['dtype']}, torch {machine['torch']}, "
         f"diffusers {machine['diffusers']}. Random weights, real layer shapes.\n"
     )
-    return f"{speed}\n{fidelity}\n{note}"
+    return f"{speed}\n{fidelity}\n{note}\n{shapes_table(results['shapes'])}"
+
+
+def shapes_table(r: dict[str, Any]) -> str:
+    """The quality harness row: the trained model, held-out captions, fused vs exact with the same seeds."""
+    exact, fused = r["adherence_exact"]["all"], r["adherence_accelerated"]["all"]
+    return (
+        "| fastgen-shapes (trained), held-out captions | speedup | PSNR dB median / min | SSIM min "
+        "| adherence exact | adherence fused | change |\n|---|---|---|---|---|---|---|\n"
+        f"| {r['images']} images, 32x32 | {r['speedup']:.3f} | {r['psnr_db_median']} / {r['psnr_db_min']} "
+        f"| {r['ssim_min']:.5f} | {exact:.1%} | {fused:.1%} | {r['adherence_change']:+.1%} |\n"
+    )
 
 
 def _speed_row(r: dict[str, Any]) -> str:
@@ -468,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         logger.info("benchmarking %s", name)
         models[name] = bench_model(MODELS[name], prompts, args, device, dtype)
+    logger.info("adherence on fastgen-shapes")
+    shapes = shapes_adherence(args.adherence_captions, args.device, args.dtype)
     settings = {
         "models": args.models,
         "size": args.size,
@@ -480,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_lines": [i for i, _ in prompts],
         "wall_s": time.perf_counter() - start,
     }
-    results = {"machine": machine_info(device, dtype), "settings": settings, "models": models}
+    results = {"machine": machine_info(device, dtype), "settings": settings, "models": models, "shapes": shapes}
     paths = write_results(results, args.out)
     print(markdown_table(results))
     print(f"wrote {paths[0]} and {paths[1]} in {settings['wall_s']:.0f}s")

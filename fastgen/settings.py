@@ -44,7 +44,7 @@ class Settings:
     model_dir: Path | None = None  # FASTGEN_MODEL_DIR; default <data_dir>/models
     artifact_url: str | None = None  # FASTGEN_ARTIFACT_URL (fsspec URL); default <data_dir>/artifacts
     broker_url: str | None = None  # FASTGEN_BROKER_URL; none means the embedded broker
-    default_model: str = "tiny-sd"  # FASTGEN_DEFAULT_MODEL
+    default_model: str = "fastgen-shapes"  # FASTGEN_DEFAULT_MODEL
     device: str = "auto"  # FASTGEN_DEVICE: auto, cpu, cuda, cuda:1, ...
     dtype: str = "auto"  # FASTGEN_DTYPE: auto (float16 on CUDA, float32 elsewhere), float32, float16, bfloat16
     models: str = ""  # FASTGEN_MODELS: comma-separated models the service offers; empty: the built-ins

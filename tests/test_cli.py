@@ -74,7 +74,8 @@ def test_bad_input_is_a_clear_error_not_a_traceback(settings, tmp_path):
 
 def test_unknown_model_and_file_type_are_clear_errors(settings, tmp_path):
     run = fastgen("generate", "a cat", "-m", "nope", data_dir=settings.data_dir)
-    assert run.returncode == 2 and "unknown model 'nope'; known models: tiny-pixart, tiny-sd, tiny-wan" in run.stderr
+    known = "fastgen-shapes, tiny-pixart, tiny-sd, tiny-wan"
+    assert run.returncode == 2 and f"unknown model 'nope'; known models: {known}" in run.stderr
     run = fastgen("generate", "a cat", "-o", str(tmp_path / "x.bmp"), data_dir=settings.data_dir)
     assert run.returncode == 2 and "output: unknown file type .bmp" in run.stderr
 

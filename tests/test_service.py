@@ -188,7 +188,7 @@ def test_result_of_an_unfinished_job_is_409(client):
 
 
 def test_models_health_metrics_and_docs(service, client):
-    assert [m["name"] for m in client.models()] == ["tiny-pixart", "tiny-sd", "tiny-wan"]
+    assert [m["name"] for m in client.models()] == ["fastgen-shapes", "tiny-pixart", "tiny-sd", "tiny-wan"]
     assert httpx.get(f"{service.api.url}/healthz").json()["status"] == "ok"
     client.wait(client.submit(quick())["id"], timeout_s=60)
     metrics = httpx.get(f"{service.api.url}/metrics").text

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_VERSION = 1  # bump when a built-in model's config or seed changes, so stale copies are rebuilt
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # trained built-in models shipped with the package
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,20 @@ BUILTIN_SPECS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec(
+            name="fastgen-shapes",
+            kind="image",
+            architecture="unet",
+            pipeline_class="StableDiffusionPipeline",
+            source=str(WEIGHTS_DIR / "fastgen-shapes"),
+            builtin=True,
+            description="Trained here: draws 'a {color} {shape} at the {position} on a {color} background'",
+            width=32,
+            height=32,
+            steps=25,
+            guidance=2.5,
+            size_multiple=8,
+        ),
+        ModelSpec(
             name="tiny-sd",
             kind="image",
             architecture="unet",
@@ -283,8 +298,8 @@ class ModelRegistry:
         raise UnknownModel(name, self.names())
 
     def source(self, spec: ModelSpec) -> str:
-        """Where ``from_pretrained`` loads this model from, building a built-in one on first use."""
-        if not spec.builtin:
+        """Where ``from_pretrained`` loads this model from, building a random-weight built-in on first use."""
+        if spec.source:
             return spec.source
         target = self.model_dir / f"{spec.name}-v{BUILTIN_VERSION}"
         if not (target / "model_index.json").is_file():

@@ -1,0 +1,142 @@
+"""The shape scenes and their numpy scorer: captions, the held-out split, seeded renders, and scoring accuracy."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastgen.shapes import scenes as sc
+from fastgen.shapes.score import adherence, detect, score
+
+ATTRIBUTES = ("color", "shape", "position", "background")
+
+
+def _jittered(step: int = 1):
+    return [(scene, sc.render(scene, seed=1000 + i)) for i, scene in enumerate(sc.all_scenes()[::step])]
+
+
+def _other(scene: sc.Scene, attribute: str) -> sc.Scene:
+    choices = {"color": sc.COLORS, "shape": sc.SHAPES, "position": sc.POSITIONS, "background": sc.COLORS}[attribute]
+    taken = {getattr(scene, attribute), scene.color, scene.background}
+    return dataclasses.replace(scene, **{attribute: next(v for v in choices if v not in taken)})
+
+
+def test_every_caption_parses_back_to_its_scene():
+    for scene in sc.all_scenes():
+        assert sc.parse_caption(sc.caption(scene)) == scene
+
+
+def test_caption_wording():
+    assert (
+        sc.caption(sc.Scene("red", "circle", "top left", "blue"))
+        == "a red circle at the top left on a blue background"
+    )
+    assert sc.caption(sc.Scene("red", "circle", "center", "blue")) == "a red circle at the center on a blue background"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a red circle at the top left on a red background",  # shape and background share a colour
+        "a purple circle at the top left on a blue background",
+        "a red hexagon at the center on a blue background",
+        "a red circle at the middle on a blue background",
+        "a red circle",
+        "",
+    ],
+)
+def test_malformed_captions_do_not_parse(text):
+    assert sc.parse_caption(text) is None
+
+
+def test_scene_rejects_unknown_values_by_field():
+    with pytest.raises(ValueError, match="shape"):
+        sc.Scene("red", "hexagon", "center", "blue")
+    with pytest.raises(ValueError, match="background"):
+        sc.Scene("red", "circle", "center", "red")
+
+
+def test_heldout_combinations_never_appear_in_training():
+    train, heldout = sc.train_scenes(), sc.heldout_scenes()
+    assert len(sc.all_scenes()) == 450
+    assert len(heldout) == 45
+    assert not set(train) & set(heldout)
+    assert set(train) | set(heldout) == set(sc.all_scenes())
+    assert not {sc.caption(s) for s in train} & {sc.caption(s) for s in heldout}
+
+
+def test_split_is_seeded_and_keeps_every_word_in_training():
+    assert sc.heldout_scenes() == sc.heldout_scenes()
+    assert sc.heldout_scenes(seed=1) != sc.heldout_scenes()
+    train = sc.train_scenes()
+    for attribute, values in (("color", sc.COLORS), ("shape", sc.SHAPES), ("position", sc.POSITIONS)):
+        assert {getattr(s, attribute) for s in train} == set(values)
+
+
+def test_renders_are_deterministic_for_a_seed():
+    scene = sc.Scene("yellow", "triangle", "bottom right", "black")
+    first = sc.render(scene, seed=7)
+    assert first.shape == (32, 32, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, sc.render(scene, seed=7))
+    assert np.array_equal(sc.render(scene), sc.render(scene))
+    assert any(not np.array_equal(first, sc.render(scene, seed=s)) for s in range(8, 12))
+
+
+def test_render_draws_the_named_colours_in_the_named_place():
+    image = sc.render(sc.Scene("red", "square", "top left", "blue"))
+    assert tuple(image[8, 8]) == sc.COLORS["red"]
+    assert tuple(image[24, 24]) == sc.COLORS["blue"]
+
+
+def test_named_colours_are_far_apart():
+    colors = np.array(list(sc.COLORS.values()), dtype=float)
+    distances = np.linalg.norm(colors[:, None] - colors[None], axis=-1)
+    assert distances[~np.eye(len(colors), dtype=bool)].min() > 150
+
+
+def test_scorer_is_right_on_every_canonical_render():
+    for scene in sc.all_scenes():
+        assert score(sc.render(scene), sc.caption(scene)).all, (scene, detect(sc.render(scene)))
+
+
+def test_scorer_is_right_on_every_jittered_render():
+    for scene, image in _jittered():
+        assert score(image, sc.caption(scene)).all, (scene, detect(image))
+
+
+def test_scorer_downscales_large_and_pil_images():
+    for scene, image in _jittered(step=7):
+        big = Image.fromarray(image).resize((96, 96), Image.Resampling.NEAREST)
+        assert score(big, sc.caption(scene)).all
+        assert score(np.asarray(big), sc.caption(scene)).all
+
+
+@pytest.mark.parametrize("attribute", ATTRIBUTES)
+def test_scorer_flags_a_caption_that_names_another_value(attribute):
+    for scene, image in _jittered(step=5):
+        wrong = _other(scene, attribute)
+        result = score(image, sc.caption(wrong))
+        assert not getattr(result, attribute) and not result.all, (scene, attribute)
+        assert all(getattr(result, a) for a in ATTRIBUTES if a != attribute), (scene, attribute)
+
+
+def test_blank_image_has_no_shape():
+    seen = detect(np.full((32, 32, 3), sc.COLORS["green"], dtype=np.uint8))
+    assert seen.background == "green" and seen.shape is None
+    assert not score(np.zeros((32, 32, 3), np.uint8), "a red circle at the center on a blue background").all
+
+
+def test_unparseable_caption_scores_nothing():
+    scene = sc.Scene("red", "circle", "center", "blue")
+    assert not any(dataclasses.astuple(score(sc.render(scene), "a cat on a mat")))
+
+
+def test_adherence_reports_fractions_per_attribute():
+    scenes = sc.all_scenes()[:4]
+    images = [sc.render(s) for s in scenes]
+    captions = [sc.caption(s) for s in scenes[:2]] + [sc.caption(_other(s, "position")) for s in scenes[2:]]
+    result = adherence(images, captions)
+    assert result == {"background": 1.0, "color": 1.0, "position": 0.5, "shape": 1.0, "all": 0.5, "n": 4}
+    with pytest.raises(ValueError, match="images"):
+        adherence([], [])
