@@ -1,4 +1,4 @@
-"""The REST API: submit a job, poll it, download its result, cancel it.
+"""The REST API: submit a job, poll it, download its result, cancel it; optionally the web page at /ui.
 
 ``POST /v1/jobs`` answers 202 at once with the job's id and status URL; ``GET /v1/jobs/{id}``
 tells queued / running (with progress) / succeeded (with the result) / failed (with a readable
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from fastgen.artifacts import ArtifactStore
 from fastgen.errors import FastgenError, InvalidRequest
@@ -39,8 +39,18 @@ class NotReady(FastgenError):
     pass
 
 
-def create_api(settings: Settings, queue: JobQueue | None = None, artifacts: ArtifactStore | None = None) -> FastAPI:
-    """The FastAPI app over a job queue and an artifact store built from ``settings`` unless given."""
+def create_api(
+    settings: Settings,
+    queue: JobQueue | None = None,
+    artifacts: ArtifactStore | None = None,
+    ui_api_url: str | None = None,
+    ui_api_key: str | None = None,
+) -> FastAPI:
+    """The FastAPI app over a job queue and an artifact store built from ``settings`` unless given.
+
+    With ``ui_api_url`` the web page is mounted at ``/ui``, talking to the API at that URL (usually
+    this service's own address) over HTTP like any remote client; without it the app is the API alone.
+    """
     queue = queue or JobQueue(settings)
     artifacts = artifacts or ArtifactStore(settings.artifact_url)
     keys = settings.tenants_by_key
@@ -104,13 +114,10 @@ def create_api(settings: Settings, queue: JobQueue | None = None, artifacts: Art
     def metrics() -> str:
         return render_metrics(queue.jobs)
 
-    @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
-    def ui_placeholder() -> str:
-        return (
-            "<!doctype html><title>fastgen</title><h1>fastgen</h1><p>The web page arrives with the UI issue. "
-            "Meanwhile: <a href='/docs'>the API documentation</a>.</p>"
-        )
+    if ui_api_url is not None:
+        from fastgen.ui import mount_ui  # Gradio loads only where the page is served
 
+        mount_ui(app, ui_api_url, api_key=ui_api_key, path="/ui")
     return app
 
 

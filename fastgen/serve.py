@@ -64,9 +64,10 @@ def serve(settings: Settings, workers: int = 1, models: list[str] | None = None)
     from fastgen.models.registry import ModelRegistry
 
     models = models or settings.served_models(ModelRegistry(settings.model_dir).names())
-    app = create_api(settings)
+    base = own_url(settings.host, settings.port)
+    # The page is a client of this very API, over loopback HTTP.
+    app = create_api(settings, ui_api_url=base, ui_api_key=settings.ui_api_key or None)
     pool = WorkerProcesses.start(workers, models)
-    base = f"http://{settings.host}:{settings.port}"
     print(
         f"fastgen is serving {', '.join(models)} with {workers} worker(s) on "
         f"{settings.broker_url or 'the embedded broker'}\n  web page: {base}/ui\n  API docs: {base}/docs",
@@ -82,6 +83,12 @@ def serve(settings: Settings, workers: int = 1, models: list[str] | None = None)
     finally:
         print("stopping workers", flush=True)
         pool.stop()
+
+
+def own_url(host: str, port: int) -> str:
+    """The URL this service answers on from its own host: a wildcard listen address means loopback."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _raise_exit(signum, frame) -> None:

@@ -50,6 +50,7 @@ class Settings:
     models: str = ""  # FASTGEN_MODELS: comma-separated models the service offers; empty: the built-ins
     job_timeout_s: int = 900  # FASTGEN_JOB_TIMEOUT_S: the longest one job may run
     api_keys: str = ""  # FASTGEN_API_KEYS: "key=tenant,key2=tenant2"; empty: an open service
+    ui_api_key: str = ""  # FASTGEN_UI_API_KEY: the key the web page uses when FASTGEN_API_KEYS is set
     host: str = "127.0.0.1"  # FASTGEN_HOST: where `fastgen serve` listens
     port: int = 8000  # FASTGEN_PORT
     limits: Limits = field(default_factory=Limits)

@@ -1,0 +1,259 @@
+"""The web page end to end: a real headless Chromium against a live `fastgen serve` with one worker.
+
+Chromium is Debian's (/usr/bin/chromium) driven by Playwright from PyPI; no browser is downloaded.
+Without them the browser tests skip, except in CI (CI=true), where they must run. Every request
+the page makes is recorded and must stay on loopback: no CDN, fonts or analytics.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from fastgen.ui.page import Form, Page
+from fastgen.ui.render import history_html, problem_html, problem_text, progress_html
+from fastgen.ui.session import Job, Session
+from services import Api, free_port, service_env
+
+from fastgen.client import ServiceError
+
+pytestmark = pytest.mark.timeout(240)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+WAIT_MS = 120_000
+
+
+def test_the_ui_package_does_not_import_torch():
+    code = "import sys, fastgen.ui; fastgen.ui.create_ui('http://127.0.0.1:1'); assert 'torch' not in sys.modules"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+def test_the_form_leaves_blanks_to_the_model_and_sends_video_fields_only_to_video_models():
+    form = Form("a cat", "", "tiny-sd", 64.0, None, 4.0, 7.5, 3.0, False, 9.0, 8.0, accelerate=(True,))
+    request = form.request({"kind": "image"})
+    assert request == {
+        "prompt": "a cat",
+        "negative_prompt": "",
+        "model": "tiny-sd",
+        "width": 64,
+        "steps": 4,
+        "guidance": 7.5,
+        "seed": 3,
+        "accelerate": {"fuse_qkv": True},
+    }
+    video = form._replace(random_seed=True, accelerate=(False,)).request({"kind": "video"})
+    assert video["seed"] is None and video["num_frames"] == 9 and video["fps"] == 8 and "accelerate" not in video
+
+
+def test_capabilities_decide_the_controls_video_fields_and_usable_accelerations():
+    caps = {"name": "m", "kind": "image", "architecture": "dit", "size_multiple": 16, "accelerations": []}
+    caps["defaults"] = {"width": 64, "height": 32, "steps": 5, "guidance": 2.0, "num_frames": None, "fps": None}
+    page = Page("http://127.0.0.1:1")
+    info, width, height, steps, guidance, video_row, frames, fps, fuse_qkv = page.model_controls(
+        Session({"m": caps}), "m"
+    )
+    assert width["value"] == 64 and width["step"] == 16 and video_row["visible"] is False
+    assert (
+        fuse_qkv["interactive"] is False and fuse_qkv["value"] is False and "Not available for m" in fuse_qkv["info"]
+    )
+    caps = {**caps, "kind": "video", "frame_multiple": 4, "accelerations": ["fuse_qkv"]}
+    *_, video_row, frames, fps, fuse_qkv = page.model_controls(Session({"m": caps}), "m")
+    assert video_row["visible"] is True and frames["info"] == "4·k + 1" and fuse_qkv["interactive"] is True
+
+
+def test_progress_and_problems_read_as_sentences():
+    job = Job("abc", "tiny-sd", "image", "a <b>cat</b>", random_seed=True, status="running")
+    job.progress = {"step": 3, "total": 10, "eta_s": 1.5}
+    assert "step 3 of 10, ETA 1.5 s" in progress_html(job)
+    assert "&lt;b&gt;cat" in history_html([job])  # user text is escaped
+    invalid = ServiceError(422, "width: bad", [{"field": "width", "message": "must be a multiple of 8"}])
+    assert "<code>width</code>: must be a multiple of 8" in problem_html(*problem_text(invalid, "http://x"))
+
+
+def test_a_service_that_is_down_is_a_readable_message():
+    page = Page(f"http://127.0.0.1:{free_port()}")
+    _, _, problem = page.load_models(Session())
+    assert "cannot be reached" in problem and "Traceback" not in problem
+
+
+def _browser_missing() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} is missing (apt-get install chromium, or bash scripts/system-deps)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[test]')"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the browser tests must run in CI: {missing}")
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def service(browser, tmp_path_factory):
+    """`fastgen serve` with one worker on the embedded queue, serving an image and a video model."""
+    data_dir = tmp_path_factory.mktemp("ui-service")
+    env = service_env(data_dir, job_timeout_s="60", models="tiny-sd,tiny-wan")
+    env["GRADIO_ANALYTICS_ENABLED"] = "False"
+    api = Api(env, data_dir / "serve.log", workers=1)
+    yield api
+    api.stop()
+
+
+@pytest.fixture()
+def page(browser, service):
+    """The page, loaded with its model list; afterwards, no request may have left loopback."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1100})
+    tab = context.new_page()
+    requests: list[str] = []
+    tab.on("request", lambda request: requests.append(request.url))
+    tab.goto(f"{service.url}/ui/")
+    tab.wait_for_function("() => document.querySelector('#model input')?.value", timeout=60_000)
+    yield tab
+    context.close()
+    outside = [url for url in requests if urlparse(url).scheme in ("http", "https", "ws", "wss") and _off_host(url)]
+    assert not outside, f"the page reached outside the service: {outside}"
+    assert requests, "no requests were recorded"
+
+
+def _off_host(url: str) -> bool:
+    return urlparse(url).hostname not in LOOPBACK
+
+
+def choose_model(tab, name: str) -> None:
+    tab.locator("#model input").click()
+    tab.get_by_role("option", name=name).click()
+    tab.wait_for_function(f"() => document.querySelector('#model-info')?.innerText.includes({name!r})")
+
+
+def set_number(tab, elem_id: str, value: int) -> None:
+    field = tab.locator(f"#{elem_id} input[type=number]").first
+    field.fill(str(value))
+    field.press("Tab")
+
+
+def progress_text(tab) -> str:
+    return tab.locator("#progress .fg-progress-text").inner_text()
+
+
+def test_type_a_prompt_generate_and_see_the_image(page):
+    choose_model(page, "tiny-sd")
+    page.locator("#prompt textarea").fill("a red circle at the top left on a blue background")
+    page.locator("#accel-fuse_qkv input[type=checkbox]").check()
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#gallery img')].some(i => i.complete && i.naturalWidth > 0)",
+        timeout=WAIT_MS,
+    )
+    page.wait_for_function("() => document.querySelector('#metadata table')", timeout=WAIT_MS)
+    metadata = page.locator("#metadata").inner_text()
+    assert "picked at random" in metadata and "ms per step" in metadata
+    assert "fuse_qkv" in metadata and "fused attention layers" in metadata
+    assert page.locator("#history tr[data-status=succeeded]").count() == 1
+    assert "done: 20 steps" in progress_text(page)
+    assert page.locator("#downloads a").count() >= 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+
+
+def test_pick_the_video_model_generate_and_see_the_player(page):
+    assert not page.locator("#video-controls").is_visible()  # tiny-sd first: no frames or fps
+    choose_model(page, "tiny-wan")
+    page.locator("#frames input").first.wait_for(state="visible")
+    assert page.locator("#frames input").first.input_value() == "17"
+    set_number(page, "frames", 9)
+    page.locator("#prompt textarea").fill("a paper boat drifting on a lake")
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#video video');"
+        " return v && v.currentSrc && v.readyState >= 1 && v.videoWidth > 0; }",
+        timeout=WAIT_MS,
+    )
+    assert page.locator("#video video").evaluate("v => [v.videoWidth, v.videoHeight]") == [128, 128]
+    assert "9 frames" in page.locator("#metadata").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-video.png"), full_page=True)
+
+
+def test_cancel_a_long_job(page):
+    choose_model(page, "tiny-sd")
+    set_number(page, "width", 512)
+    set_number(page, "height", 512)
+    set_number(page, "steps", 100)
+    page.locator("#prompt textarea").fill("a long job")
+    page.locator("#generate").click()
+    first = _wait_for_step(page, at_least=1)
+    _wait_for_step(page, at_least=first + 1)  # the bar moves
+    page.locator("#cancel").click()
+    page.wait_for_function(
+        "() => document.querySelector('#progress')?.innerText.includes('cancelled at step')", timeout=60_000
+    )
+    step = int(re.search(r"cancelled at step (\d+) of 100", progress_text(page)).group(1))
+    assert first < step < 100
+    assert page.locator("#history tr[data-status=cancelled]").count() == 1
+    assert page.locator("#cancel").is_disabled()
+
+
+def _wait_for_step(tab, at_least: int) -> int:
+    tab.wait_for_function(
+        f"() => {{ const m = /step (\\d+) of 100, ETA/.exec(document.querySelector('#progress')?.innerText || '');"
+        f" return m && Number(m[1]) >= {at_least}; }}",
+        timeout=WAIT_MS,
+    )
+    return int(re.search(r"step (\d+) of 100", progress_text(tab)).group(1))
+
+
+def test_an_invalid_size_shows_the_validation_message(page):
+    choose_model(page, "tiny-sd")
+    page.locator("#prompt textarea").fill("a cat")
+    set_number(page, "width", 60)
+    page.locator("#generate").click()
+    page.wait_for_function("() => document.querySelector('#problem .fg-problem')", timeout=30_000)
+    problem = page.locator("#problem").inner_text()
+    assert "refused" in problem and "width" in problem and "multiple of 8" in problem, problem
+    set_number(page, "width", 5000)
+    page.locator("#generate").click()
+    page.wait_for_function("() => document.querySelector('#problem')?.innerText.includes('2048')", timeout=30_000)
+    assert "FASTGEN_MAX_SIDE" in page.locator("#problem").inner_text()
+    assert page.locator("#history tr[data-job]").count() == 0  # nothing was queued
+    assert "Traceback" not in page.content()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_a_screenshot_for_the_readme():
+    """Copy the result screenshot to docs/images/ui.png when asked (FASTGEN_UPDATE_SCREENSHOT=1)."""
+    yield
+    shot = ARTIFACTS / "ui.png"
+    if os.environ.get("FASTGEN_UPDATE_SCREENSHOT") == "1" and shot.is_file():
+        target = Path(__file__).resolve().parents[1] / "docs" / "images" / "ui.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)
