@@ -85,19 +85,22 @@ def t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+def clip_text_encoder(
+    tokenizer: CLIPTokenizer, hidden: int = TEXT_DIM, max_positions: int = CLIP_MAX_LENGTH
+) -> CLIPTextModel:
+    """A 2-layer CLIP text encoder sized for ``tokenizer``, with fresh (random) weights."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_DIM,
-        intermediate_size=2 * TEXT_DIM,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return _frozen(CLIPTextModel(config))
+    return CLIPTextModel(config)
 
 
 def _t5_config(config_class: type[T5Config], tokenizer: T5Tokenizer) -> T5Config:
@@ -176,7 +179,7 @@ def _sd_scheduler() -> EulerDiscreteScheduler:
 def build_tiny_sd(seed: int = 0) -> StableDiffusionPipeline:
     tokenizer = clip_tokenizer()
     with _seeded(seed):
-        text_encoder = _clip_text_encoder(tokenizer)
+        text_encoder = _frozen(clip_text_encoder(tokenizer))
     with _seeded(seed + 1):
         unet = _sd_unet()
     with _seeded(seed + 2):

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from fastgen.models.builtin import clip_text_encoder
 from fastgen.shapes import scenes as sc
 
 logger = logging.getLogger(__name__)
@@ -83,18 +84,7 @@ def build_tokenizer(captions: list[str]) -> CLIPTokenizer:
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_DIM,
-        intermediate_size=2 * TEXT_DIM,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
+    return clip_text_encoder(tokenizer, hidden=TEXT_DIM, max_positions=MAX_TOKENS)
 
 
 def build_vae() -> AutoencoderKL:
