@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,10 +40,6 @@ class Progress:
     elapsed_s: float
     eta_s: float
 
-    @property
-    def fraction(self) -> float:
-        return self.step / self.total if self.total else 1.0
-
 
 class CancelFlag(Protocol):
     def is_set(self) -> bool: ...
@@ -65,7 +61,6 @@ class Generation:
 class LoadedPipeline:
     spec: ModelSpec
     pipe: Any
-    load_s: float
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -98,11 +93,10 @@ class PipelinePool:
             if spec.name in self._loaded:
                 return self._loaded[spec.name], 0.0
             start = time.perf_counter()
-            loaded = LoadedPipeline(spec, self._load(spec), 0.0)
-            loaded.load_s = time.perf_counter() - start
-            self._loaded[spec.name] = loaded
-            logger.info("loaded %s on %s in %.2fs", spec.name, self.device, loaded.load_s)
-            return loaded, loaded.load_s
+            loaded = self._loaded[spec.name] = LoadedPipeline(spec, self._load(spec))
+            load_s = time.perf_counter() - start
+            logger.info("loaded %s on %s in %.2fs", spec.name, self.device, load_s)
+            return loaded, load_s
 
     def _load(self, spec: ModelSpec):
         from diffusers import DiffusionPipeline
@@ -226,6 +220,7 @@ class Engine:
 
 def call_kwargs(pipe, spec: ModelSpec, request: GenerationRequest, seed: int, monitor: StepMonitor) -> dict:
     """The pipeline's own call arguments for this request, keeping only those its ``__call__`` takes."""
+    accepted = inspect.signature(pipe.__call__).parameters
     wanted = {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt or None,
@@ -237,21 +232,19 @@ def call_kwargs(pipe, spec: ModelSpec, request: GenerationRequest, seed: int, mo
         # A CPU generator makes the starting noise the same on every device.
         "generator": torch.Generator("cpu").manual_seed(seed),
         "output_type": "np" if spec.kind == "video" else "pil",
-        **step_callback(pipe, monitor),
+        **step_callback(accepted, monitor, type(pipe).__name__),
         **spec.call_kwargs,
     }
-    accepted = inspect.signature(pipe.__call__).parameters
     return {name: value for name, value in wanted.items() if name in accepted and value is not None}
 
 
-def step_callback(pipe, monitor: StepMonitor) -> dict:
-    """Hook the monitor into whichever step callback this pipeline has."""
-    accepted = inspect.signature(pipe.__call__).parameters
+def step_callback(accepted: Mapping[str, Any], monitor: StepMonitor, pipeline_name: str) -> dict:
+    """Hook the monitor into whichever step callback the pipeline's ``__call__`` (``accepted``) has."""
     if "callback_on_step_end" in accepted:
         return {"callback_on_step_end": monitor}
     if "callback" in accepted:
         return {"callback": monitor.legacy_callback, "callback_steps": 1}
-    logger.warning("%s has no step callback: no progress or cancellation", type(pipe).__name__)
+    logger.warning("%s has no step callback: no progress or cancellation", pipeline_name)
     return {}
 
 

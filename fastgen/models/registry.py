@@ -134,7 +134,7 @@ class ModelSpec:
         return errors
 
     def _acceleration_errors(self, r: GenerationRequest) -> list[FieldError]:
-        asked = [name for name in AccelerateOptions.model_fields if _is_on(getattr(r.accelerate, name))]
+        asked = [name for name in AccelerateOptions.model_fields if getattr(r.accelerate, name)]
         return [
             FieldError(
                 f"accelerate.{name}",
@@ -148,10 +148,6 @@ class ModelSpec:
     def _lora_errors(self, r: GenerationRequest) -> list[FieldError]:
         # Refused rather than ignored until the LoRA library exists: a request must get what it asked for.
         return [FieldError("loras", "LoRA adapters are not available on this service yet")] if r.loras else []
-
-
-def _is_on(option: Any) -> bool:
-    return bool(option) if not hasattr(option, "enabled") else bool(option.enabled)
 
 
 BUILTIN_SPECS: dict[str, ModelSpec] = {
