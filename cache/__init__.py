@@ -1,5 +1,37 @@
-"""The approximate noise-state cache across prompts (Nirvana, NSDI'24).
+"""The approximate noise-state cache across prompts (Agarwal et al., "Approximate Caching for Efficiently Serving
+Text-to-Image Diffusion Models", Nirvana, NSDI 2024).
 
-Installed as ``fastgen.cache``: prompt embeddings, the nearest-neighbour index, the state store
-and its eviction policy. It plugs into the engine's step callback to capture states.
+Installed as ``fastgen.cache``. A similar earlier prompt's stored latent after K steps lets a request run only
+the remaining steps. Modules: ``embedder`` (prompt vectors), ``index`` (FAISS nearest neighbours), ``store``
+(shared records, LCBFU eviction, counters), ``states`` (state files over fsspec), ``policy`` (marks and the
+similarity-to-K table), ``resume`` (exact resumption per scheduler), ``approximate`` (what the engine calls).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastgen.cache.approximate import ApproximateCache
+    from fastgen.settings import Settings
+
+
+def open_cache(settings: Settings) -> ApproximateCache | None:
+    """The cache the settings describe, over the shared store; None when FASTGEN_CACHE_BYTES is 0."""
+    if settings.cache_bytes == 0:
+        return None
+    from fastgen.cache.approximate import ApproximateCache, CacheConfig
+    from fastgen.cache.policy import POLICIES
+    from fastgen.cache.states import StateFiles
+    from fastgen.cache.store import open_cache_store
+
+    config = CacheConfig(
+        budget_bytes=settings.cache_bytes,
+        policy=POLICIES[settings.cache_policy],
+        embedder=settings.cache_embedder,
+        share_across_tenants=settings.cache_share_tenants,
+        index=settings.cache_index,
+        default_on=settings.cache_default,
+    )
+    store = open_cache_store(settings.broker_url, settings.data_dir)
+    return ApproximateCache(config, store, StateFiles(settings.cache_url))

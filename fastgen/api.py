@@ -39,6 +39,16 @@ class NotReady(FastgenError):
     pass
 
 
+def _cache_counters(settings: Settings):
+    """Reads the approximate cache's shared counters (nothing when the cache is off)."""
+    if settings.cache_bytes == 0:
+        return lambda: None
+    from fastgen.cache.store import open_cache_store
+
+    store = open_cache_store(settings.broker_url, settings.data_dir)
+    return store.counters
+
+
 def create_api(
     settings: Settings,
     queue: JobQueue | None = None,
@@ -59,6 +69,7 @@ def create_api(
     app = FastAPI(title="fastgen", version="0.1.0", description=__doc__)
     _add_error_handlers(app)
     tenant_of = _tenant_dependency(keys)
+    cache_counters = _cache_counters(settings)
 
     @app.post("/v1/jobs", status_code=202, openapi_extra=_request_body(settings))
     async def submit_job(request: Request, tenant: str = Depends(tenant_of)) -> JSONResponse:
@@ -112,7 +123,7 @@ def create_api(
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> str:
-        return render_metrics(queue.jobs)
+        return render_metrics(queue.jobs, cache_counters())
 
     if ui_api_url is not None:
         from fastgen.ui import mount_ui  # Gradio loads only where the page is served

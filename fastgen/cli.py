@@ -112,9 +112,10 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
 def generate_here(settings: Settings, request: dict) -> tuple[GenerationResult, bytes]:
     from fastgen.artifacts import encode
+    from fastgen.cache import open_cache
     from fastgen.engine import Engine
 
-    generation = Engine(settings).run(request, on_step=ProgressBar())
+    generation = Engine(settings, cache=open_cache(settings)).run(request, on_step=ProgressBar())
     (_, data), *_ = encode(generation)
     return generation.result, data
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,8 +25,11 @@ from PIL import Image
 from fastgen.accelerators import ACCELERATORS, Accelerator, attach
 from fastgen.errors import Cancelled, ModelLoadError
 from fastgen.models.registry import ModelRegistry, ModelSpec
-from fastgen.request import GenerationRequest, GenerationResult, Timings, parse_request
+from fastgen.request import AccelerationReport, GenerationRequest, GenerationResult, Timings, parse_request
 from fastgen.settings import Settings
+
+if TYPE_CHECKING:
+    from fastgen.cache.approximate import ApproximateCache
 
 logger = logging.getLogger(__name__)
 
@@ -126,22 +129,38 @@ def use_fast_attention(pipe, device: torch.device) -> None:
 
 
 class StepMonitor:
-    """The pipeline's ``callback_on_step_end``: progress, ETA, cooperative cancellation."""
+    """The pipeline's ``callback_on_step_end``: progress, ETA, cooperative cancellation, state capture.
 
-    def __init__(self, total: int, on_step: StepCallback | None, cancel: CancelFlag | None):
+    ``skipped`` steps were not run (a resumed run starts after them): progress counts the full schedule.
+    ``on_latents(step, latents)`` sees the latents after each step of the full schedule.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        on_step: StepCallback | None,
+        cancel: CancelFlag | None,
+        skipped: int = 0,
+        on_latents: Callable[[int, torch.Tensor], None] | None = None,
+    ):
         self.total, self.on_step, self.cancel = total, on_step, cancel
+        self.skipped, self.on_latents = skipped, on_latents
         self.start = time.perf_counter()
         self.last_step_at = self.start
-        self.steps_done = 0
+        self.steps_done = 0  # steps this run computed
 
     def __call__(self, pipe, index: int, timestep, callback_kwargs: dict) -> dict:
         self.steps_done = index + 1
-        self.total = getattr(pipe, "_num_timesteps", None) or self.total  # some schedulers add steps
+        # Some schedulers add steps; a resumed pipeline counts only the steps it runs.
+        self.total = self.skipped + (getattr(pipe, "_num_timesteps", None) or self.total - self.skipped)
         self.last_step_at = time.perf_counter()
         elapsed = self.last_step_at - self.start
-        eta = elapsed / self.steps_done * (self.total - self.steps_done)
+        step = self.skipped + self.steps_done
+        eta = elapsed / self.steps_done * (self.total - step)
+        if self.on_latents is not None and "latents" in callback_kwargs:
+            self.on_latents(step, callback_kwargs["latents"])
         if self.on_step is not None:
-            self.on_step(Progress(self.steps_done, self.total, elapsed, eta))
+            self.on_step(Progress(step, self.total, elapsed, eta))
         self.check_cancel()
         return callback_kwargs
 
@@ -151,7 +170,7 @@ class StepMonitor:
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled(self.steps_done, self.total)
+            raise Cancelled(self.skipped + self.steps_done, self.total)
 
 
 class Engine:
@@ -162,8 +181,9 @@ class Engine:
         settings: Settings,
         registry: ModelRegistry | None = None,
         accelerators: tuple[Accelerator, ...] = ACCELERATORS,
+        cache: ApproximateCache | None = None,
     ):
-        self.settings = settings
+        self.settings, self.cache = settings, cache
         self.registry = registry or ModelRegistry(settings.model_dir)
         self.device = resolve_device(settings.device)
         self.pool = PipelinePool(self.registry, self.device, resolve_dtype(settings.dtype, self.device))
@@ -181,25 +201,37 @@ class Engine:
         on_step: StepCallback | None = None,
         cancel: CancelFlag | None = None,
         result_id: str | None = None,
+        tenant: str = "public",
     ) -> Generation:
         """Generate what ``request`` asks for. Raises InvalidRequest, ModelLoadError or Cancelled.
 
-        ``result_id`` names the result (a job's id, so a redelivered job overwrites its own artifacts).
+        ``result_id`` names the result (a job's id, so a redelivered job overwrites its own artifacts);
+        ``tenant`` partitions the approximate cache.
         """
         started = time.perf_counter()
         spec, request = self.prepare(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         loaded, load_s = self.pool.get(spec)
-        monitor = StepMonitor(request.steps, on_step, cancel)
-        monitor.check_cancel()
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(0, request.steps)
         with loaded.lock:
+            cached = self.cache.begin(loaded.pipe, spec.name, request, seed, tenant) if self.cache else None
+            monitor = StepMonitor(
+                request.steps, on_step, cancel, cached.skipped if cached else 0, cached.on_step if cached else None
+            )
             attached = attach(loaded.pipe, request.accelerate, self.accelerators)
             try:
-                monitor.start = time.perf_counter()
-                output = loaded.pipe(**call_kwargs(loaded.pipe, spec, request, seed, monitor))
+                detach_resume, resume_kwargs = cached.resume(loaded.pipe) if cached else (lambda: None, {})
+                try:
+                    monitor.start = time.perf_counter()
+                    output = loaded.pipe(**call_kwargs(loaded.pipe, spec, request, seed, monitor) | resume_kwargs)
+                finally:
+                    detach_resume()
                 reports = attached.reports()
             finally:
                 attached.remove()
+            if cached:
+                reports.append(AccelerationReport(name="cache", details=cached.finish()))
         finished = time.perf_counter()
         result = GenerationResult(
             id=result_id or uuid.uuid4().hex,

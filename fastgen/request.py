@@ -63,10 +63,28 @@ class LoraRef(Strict):
         return v
 
 
+class CacheOptions(Strict):
+    """The approximate noise-state cache: start from a similar earlier prompt's state and skip steps."""
+
+    enabled: bool | None = Field(
+        None, description="Use the cache; null: the service's default (FASTGEN_CACHE_DEFAULT)"
+    )
+    min_similarity: float | None = Field(
+        None, ge=0.0, le=1.0, description="Only reuse states of prompts at least this similar (cosine, 0-1)"
+    )
+
+
 class AccelerateOptions(Strict):
     """Which accelerations this request allows. Each is off unless asked for."""
 
     fuse_qkv: bool = Field(False, description="Fuse attention Q/K/V projections into one matmul")
+    cache: CacheOptions = Field(default_factory=CacheOptions)
+
+    def requested(self) -> list[str]:
+        """The accelerations this request explicitly turns on."""
+        return [name for name in type(self).model_fields if getattr(self, name) is True] + (
+            ["cache"] if self.cache.enabled else []
+        )
 
 
 class GenerationRequest(Strict):

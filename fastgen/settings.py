@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "FASTGEN_"
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,13 @@ class Settings:
     ui_api_key: str = ""  # FASTGEN_UI_API_KEY: the key the web page uses when FASTGEN_API_KEYS is set
     host: str = "127.0.0.1"  # FASTGEN_HOST: where `fastgen serve` listens
     port: int = 8000  # FASTGEN_PORT
+    cache_bytes: int = 2 * 1024**3  # FASTGEN_CACHE_BYTES: approximate-cache states kept; 0 turns the cache off
+    cache_default: bool = False  # FASTGEN_CACHE_DEFAULT: use the cache for requests that do not say
+    cache_policy: str = "fastgen"  # FASTGEN_CACHE_POLICY: fastgen or nirvana (the paper's, as published)
+    cache_embedder: str = "pipeline"  # FASTGEN_CACHE_EMBEDDER: pipeline, minilm, or a sentence-transformers model
+    cache_share_tenants: bool = False  # FASTGEN_CACHE_SHARE_TENANTS: let tenants reuse each other's states
+    cache_index: str = "flat"  # FASTGEN_CACHE_INDEX: flat (exact) or hnsw (millions of entries)
+    cache_url: str | None = None  # FASTGEN_CACHE_URL (fsspec URL) for state files; default <artifact_url>/_cache
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -62,6 +70,14 @@ class Settings:
         object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
         if self.artifact_url is None:
             object.__setattr__(self, "artifact_url", str(self.data_dir / "artifacts"))
+        if self.cache_url is None:
+            object.__setattr__(self, "cache_url", self.artifact_url.rstrip("/") + "/_cache")
+        if self.cache_bytes < 0:
+            raise ValueError(f"FASTGEN_CACHE_BYTES must be 0 (off) or more, got {self.cache_bytes}")
+        if self.cache_policy not in ("fastgen", "nirvana"):
+            raise ValueError(f"FASTGEN_CACHE_POLICY must be fastgen or nirvana, got {self.cache_policy!r}")
+        if self.cache_index not in ("flat", "hnsw"):
+            raise ValueError(f"FASTGEN_CACHE_INDEX must be flat or hnsw, got {self.cache_index!r}")
         if self.job_timeout_s <= 0:
             raise ValueError(f"FASTGEN_JOB_TIMEOUT_S must be positive, got {self.job_timeout_s}")
         self.tenants_by_key  # noqa: B018 -- a malformed key list fails at start-up, not on the first request
@@ -111,4 +127,8 @@ def _parse(f, raw: str):
             return float(raw)
     except ValueError:
         raise ValueError(f"{env_name(f.name)} must be a number, got {raw!r}") from None
+    if kind == "bool":
+        if raw.lower() not in BOOLEANS:
+            raise ValueError(f"{env_name(f.name)} must be true or false, got {raw!r}")
+        return BOOLEANS[raw.lower()]
     return raw

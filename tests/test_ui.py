@@ -16,12 +16,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from fastgen.ui.page import Form, Page
-from fastgen.ui.render import history_html, problem_html, problem_text, progress_html
-from fastgen.ui.session import Job, Session
 from services import Api, free_port, service_env
 
 from fastgen.client import ServiceError
+from fastgen.ui.page import Form, Page
+from fastgen.ui.render import history_html, problem_html, problem_text, progress_html
+from fastgen.ui.session import Job, Session
 
 pytestmark = pytest.mark.timeout(240)
 CHROMIUM = "/usr/bin/chromium"

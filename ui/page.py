@@ -19,10 +19,10 @@ from typing import Any, NamedTuple
 import gradio as gr
 import httpx
 from fastapi import FastAPI
-from fastgen.ui.render import history_html, metadata_html, problem_html, problem_text, progress_html
-from fastgen.ui.session import Job, Session
 
 from fastgen.client import FastgenClient, ServiceError
+from fastgen.ui.render import history_html, metadata_html, problem_html, problem_text, progress_html
+from fastgen.ui.session import Job, Session
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -37,6 +37,7 @@ class AccelerationControl:
     name: str
     label: str
     explanation: str
+    turned_on: Any = True  # the value of ``accelerate.<name>`` when ticked
 
 
 # One row per technique the service implements; a model lists in its capabilities which ones it can use.
@@ -45,6 +46,12 @@ ACCELERATIONS = (
         "fuse_qkv",
         "Fused Q/K/V projections",
         "One matmul instead of three for each attention's query, key and value: the same image up to rounding.",
+    ),
+    AccelerationControl(
+        "cache",
+        "Approximate cache",
+        "Start from a similar earlier prompt's half-finished image and skip its first steps: faster, approximate.",
+        {"enabled": True},
     ),
 )
 
@@ -96,7 +103,7 @@ class Form(NamedTuple):
         request["seed"] = None if self.random_seed or self.seed is None else int(self.seed)
         if caps.get("kind") == "video":
             request |= _present(num_frames=self.frames, fps=self.fps)
-        chosen = {c.name: True for c, on in zip(ACCELERATIONS, self.accelerate, strict=True) if on}
+        chosen = {c.name: c.turned_on for c, on in zip(ACCELERATIONS, self.accelerate, strict=True) if on}
         return request | ({"accelerate": chosen} if chosen else {})
 
 

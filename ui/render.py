@@ -11,9 +11,9 @@ from html import escape
 from typing import Any
 
 import httpx
-from fastgen.ui.session import Job
 
 from fastgen.client import ServiceError
+from fastgen.ui.session import Job
 
 DASH = "&mdash;"
 

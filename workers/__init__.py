@@ -11,10 +11,10 @@ from dataclasses import replace
 from typing import Any
 
 from celery.result import AsyncResult
-from fastgen.workers.app import TASK_NAME, create_celery, queue_name
-from fastgen.workers.queue import JobQueue, JobStatus
 
 from fastgen.settings import Settings
+from fastgen.workers.app import TASK_NAME, create_celery, queue_name
+from fastgen.workers.queue import JobQueue, JobStatus
 
 __all__ = ["TASK_NAME", "JobQueue", "JobStatus", "create_celery", "queue_name", "submit"]
 

@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from celery import Celery
-from fastgen.workers.app import TASK_NAME, create_celery, queue_name
-from fastgen.workers.tasks import CANCELLED, PROGRESS
 from pydantic import BaseModel
 
 from fastgen.errors import FastgenError, InvalidRequest
@@ -23,6 +21,8 @@ from fastgen.jobs import JobRecord, JobStore, StoreUnavailable, open_job_store
 from fastgen.models.registry import ModelRegistry
 from fastgen.request import GenerationRequest, GenerationResult, parse_request
 from fastgen.settings import Settings
+from fastgen.workers.app import TASK_NAME, create_celery, queue_name
+from fastgen.workers.tasks import CANCELLED, PROGRESS
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 CELERY_STATES: dict[str, JobState] = {

@@ -14,13 +14,14 @@ from functools import cached_property
 import torch
 from celery import Celery, Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from fastgen.workers.app import TASK_NAME
 
 from fastgen.artifacts import ArtifactStore
+from fastgen.cache import open_cache
 from fastgen.engine import Engine, Progress
 from fastgen.errors import Cancelled, FastgenError
 from fastgen.jobs import JobStore, open_job_store
 from fastgen.settings import Settings
+from fastgen.workers.app import TASK_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class WorkerContext:
 
     @cached_property
     def engine(self) -> Engine:
-        return Engine(self.settings)
+        return Engine(self.settings, cache=open_cache(self.settings))
 
     @cached_property
     def artifacts(self) -> ArtifactStore:
@@ -80,12 +81,14 @@ def run_job(task: Task, context: WorkerContext, payload: dict) -> dict:
     job_id = task.request.id
     attempt = context.jobs.started(job_id)
     logger.info("job %s: attempt %d", job_id, attempt)
+    record = context.jobs.get(job_id)
     try:
         generation = context.engine.run(
             payload,
             on_step=progress_publisher(task, attempt),
             cancel=CancelRequested(context.jobs, job_id),
             result_id=job_id,
+            tenant=record.tenant if record else "public",  # a bare Celery submission has no record
         )
         result = context.artifacts.save(generation)
     except Cancelled as exc:

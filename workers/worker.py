@@ -7,10 +7,10 @@ import os
 import socket
 
 from celery.signals import worker_process_init
-from fastgen.workers.app import create_celery, queue_name
-from fastgen.workers.tasks import WorkerContext, register_tasks
 
 from fastgen.settings import Settings
+from fastgen.workers.app import create_celery, queue_name
+from fastgen.workers.tasks import WorkerContext, register_tasks
 
 logger = logging.getLogger(__name__)
 

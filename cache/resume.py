@@ -1,0 +1,188 @@
+"""Capture a pipeline's denoising state after K steps, and resume another run from it.
+
+A state is the latents after K steps plus whatever history the scheduler carries into step K+1
+(multistep solvers keep their last model outputs). Resuming runs the pipeline's own loop over the
+remaining timesteps only: for the call, ``pipe.scheduler`` is a thin proxy that shows the pipeline
+the tail of the schedule while the real scheduler keeps its full schedule, its step index starts at
+K and its history is restored, so step K+1 is computed exactly as in an uninterrupted run.
+Resuming a prompt from its own state therefore reproduces the uninterrupted output bit for bit.
+
+Schedulers that draw fresh noise in their steps (DDPM, ancestral and SDE samplers) cannot be
+resumed exactly from a stored state; :func:`resumable` says so and the cache treats them as a miss.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Scheduler class -> the attributes that carry history from one step into the next.
+HISTORY: dict[str, tuple[str, ...]] = {
+    "DDIMScheduler": (),
+    "EulerDiscreteScheduler": (),
+    "FlowMatchEulerDiscreteScheduler": (),
+    "DPMSolverMultistepScheduler": ("model_outputs", "lower_order_nums"),
+    "UniPCMultistepScheduler": ("model_outputs", "timestep_list", "lower_order_nums", "last_sample", "this_order"),
+}
+
+
+def resumable(scheduler) -> str | None:
+    """None when ``scheduler`` can resume exactly from a stored state, else the reason it cannot."""
+    name = scheduler.__class__.__name__  # __class__: a resuming proxy answers for the scheduler it wraps
+    if name not in HISTORY:
+        return f"scheduler {name} cannot resume exactly from a stored state"
+    if str(getattr(scheduler.config, "algorithm_type", "")).startswith("sde"):
+        return f"scheduler {name} with a stochastic (SDE) solver cannot resume exactly"
+    if getattr(scheduler.config, "s_churn", 0.0):
+        return f"scheduler {name} with s_churn > 0 adds noise and cannot resume exactly"
+    return None
+
+
+@dataclass(frozen=True)
+class State:
+    """The denoising state after ``step`` of ``total`` steps."""
+
+    step: int
+    total: int
+    latents: torch.Tensor
+    history: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        tensors, _ = flatten(self.history)
+        return sum(t.numel() * t.element_size() for t in (self.latents, *tensors.values()))
+
+
+def capture(scheduler, latents: torch.Tensor, step: int, total: int) -> State:
+    """A CPU copy of the state after ``step`` steps (call it from the step-end callback)."""
+    history = {name: _copy(getattr(scheduler, name)) for name in HISTORY[scheduler.__class__.__name__]}
+    return State(step, total, latents.detach().to("cpu", copy=True), history)
+
+
+def _copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, list | tuple):
+        return [_copy(v) for v in value]
+    return value
+
+
+def flatten(history: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """History as named tensors (for safetensors) plus a JSON-able layout that rebuilds it."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(name: str, value):
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.contiguous()
+            return {"tensor": name}
+        if isinstance(value, list):
+            return {"list": [encode(f"{name}.{i}", v) for i, v in enumerate(value)]}
+        if value is None or isinstance(value, int | float | bool):
+            return {"value": value}
+        raise TypeError(f"cannot store scheduler history value of type {type(value).__name__}")
+
+    layout = {name: encode(f"history.{name}", value) for name, value in history.items()}
+    return tensors, layout
+
+
+def unflatten(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[str, Any]:
+    def decode(node):
+        if "tensor" in node:
+            return tensors[node["tensor"]]
+        if "list" in node:
+            return [decode(item) for item in node["list"]]
+        return node["value"]
+
+    return {name: decode(node) for name, node in layout.items()}
+
+
+def to_safetensors(state: State) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, layout = flatten(state.history)
+    meta = {"step": str(state.step), "total": str(state.total), "history": json.dumps(layout)}
+    return {"latents": state.latents.contiguous(), **tensors}, meta
+
+
+def from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> State:
+    history = unflatten(tensors, json.loads(meta["history"]))
+    return State(int(meta["step"]), int(meta["total"]), tensors["latents"], history)
+
+
+class ResumingScheduler:
+    """Stands in for ``pipe.scheduler`` during a resumed call; everything else goes to the real one."""
+
+    def __init__(self, scheduler, state: State, device: torch.device, dtype: torch.dtype):
+        object.__setattr__(self, "_inner", scheduler)
+        object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "_device", device)
+        object.__setattr__(self, "_dtype", dtype)
+
+    @property
+    def __class__(self):  # isinstance checks in pipelines see the real scheduler's class
+        return type(self._inner)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._inner, name, value)
+
+    @property
+    def timesteps(self):
+        """What the pipeline loops over: the steps after K only."""
+        return self._inner.timesteps[self._state.step :]
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0  # the stored latents are already at the scale of step K
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Some pipelines (Wan) pin the begin index themselves; it counts from the resumed step."""
+        self._inner.set_begin_index(self._state.step + begin_index)
+
+    def set_timesteps(self, *args, **kwargs):
+        result = self._inner.set_timesteps(*args, **kwargs)
+        inner, state = self._inner, self._state
+        if len(inner.timesteps) != state.total:
+            raise ValueError(f"scheduler made {len(inner.timesteps)} steps, the state was taken from {state.total}")
+        if hasattr(inner, "set_begin_index"):
+            inner.set_begin_index(state.step)
+        for name, value in state.history.items():
+            setattr(inner, name, _to(value, self._device, self._dtype))
+        return result
+
+
+def _to(value, device: torch.device, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, list):
+        return [_to(v, device, dtype) for v in value]
+    return value
+
+
+class ResumeHandle:
+    """Puts the real scheduler back, with exactly the state it had before the call."""
+
+    def __init__(self, pipe, scheduler, saved: dict[str, Any]):
+        self.pipe, self.scheduler, self.saved = pipe, scheduler, saved
+
+    def remove(self) -> None:
+        # Straight into __dict__: diffusers' __setattr__ would rewrite the pipeline's config.
+        self.pipe.__dict__["scheduler"] = self.scheduler
+        self.scheduler.__dict__.clear()
+        self.scheduler.__dict__.update(self.saved)
+
+
+def apply(pipe, state: State) -> tuple[ResumeHandle, dict[str, Any]]:
+    """Make the next ``pipe(...)`` call start after ``state.step``; returns the handle and the call's extra kwargs."""
+    reason = resumable(pipe.scheduler)
+    if reason is not None:
+        raise ValueError(reason)
+    scheduler = pipe.scheduler
+    device, dtype = pipe.device, pipe.dtype
+    handle = ResumeHandle(pipe, scheduler, copy.deepcopy(scheduler.__dict__))
+    pipe.__dict__["scheduler"] = ResumingScheduler(scheduler, state, device, dtype)
+    return handle, {"latents": state.latents.to(device, dtype)}
