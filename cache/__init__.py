@@ -33,5 +33,5 @@ def open_cache(settings: Settings) -> ApproximateCache | None:
         index=settings.cache_index,
         default_on=settings.cache_default,
     )
-    store = open_cache_store(settings.broker_url, settings.data_dir)
+    store = open_cache_store(settings.broker_url, settings.data_dir, settings.cache_url)
     return ApproximateCache(config, store, StateFiles(settings.cache_url))

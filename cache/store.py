@@ -14,6 +14,7 @@ Two stores with one interface, as for jobs: Redis beside a Redis broker, SQLite 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -108,7 +109,7 @@ class RedisCacheStore:
 
     LOG_LENGTH = 100_000
 
-    def __init__(self, url: str, prefix: str = "fastgen:cache"):
+    def __init__(self, url: str, prefix: str):
         import redis
 
         self.redis = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
@@ -240,8 +241,12 @@ class SqliteCacheStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        setup = sqlite3.connect(self.path, timeout=30)
+        try:
+            setup.execute("PRAGMA journal_mode=WAL")  # outside any transaction, or SQLite refuses
+        finally:
+            setup.close()
         with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
             for statement in SCHEMA:
                 db.execute(statement)
 
@@ -342,8 +347,13 @@ class SqliteCacheStore:
         return result
 
 
-def open_cache_store(broker_url: str | None, data_dir: Path) -> CacheStore:
-    """Redis beside a Redis broker; SQLite under the data directory otherwise."""
+def open_cache_store(broker_url: str | None, data_dir: Path, state_url: str) -> CacheStore:
+    """Redis beside a Redis broker; SQLite under the data directory otherwise.
+
+    Records are only meaningful with their state files, so the Redis keys are namespaced by the state
+    store's URL: deployments (or test runs) with different state stores never see each other's entries.
+    """
     if broker_url and broker_url.startswith(("redis://", "rediss://")):
-        return RedisCacheStore(broker_url)
+        namespace = hashlib.sha256(state_url.encode()).hexdigest()[:10]
+        return RedisCacheStore(broker_url, prefix=f"fastgen:cache:{namespace}")
     return SqliteCacheStore(Path(data_dir) / "cache.sqlite3")

@@ -45,7 +45,7 @@ def _cache_counters(settings: Settings):
         return lambda: None
     from fastgen.cache.store import open_cache_store
 
-    store = open_cache_store(settings.broker_url, settings.data_dir)
+    store = open_cache_store(settings.broker_url, settings.data_dir, settings.cache_url)
     return store.counters
 
 

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, help="video models: frames per second")
     gen.add_argument("-f", "--format", dest="output_format", choices=IMAGE_FORMATS + VIDEO_FORMATS)
     gen.add_argument("--fuse-qkv", action="store_true", help="accelerate: fuse attention Q/K/V projections")
+    gen.add_argument(
+        "--cache",
+        choices=["on", "off"],
+        help="accelerate: start from a similar earlier prompt's stored state (default: FASTGEN_CACHE_DEFAULT)",
+    )
+    gen.add_argument("--min-similarity", type=float, help="cache: only reuse prompts at least this similar (0-1)")
     gen.add_argument("--json", action="store_true", help="print the result metadata as JSON")
     gen.add_argument("--url", help="run on a fastgen service at this URL instead of in this process")
     gen.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"), help="key for --url (FASTGEN_API_KEY)")
@@ -159,7 +165,8 @@ def request_from_args(args: argparse.Namespace) -> dict:
                 "output", f"unknown file type {suffix or '(none)'}; use one of {', '.join(sorted(FORMAT_BY_SUFFIX))}"
             )
         request["output_format"] = FORMAT_BY_SUFFIX[suffix]
-    request["accelerate"] = {"fuse_qkv": args.fuse_qkv}
+    cache = {"enabled": None if args.cache is None else args.cache == "on", "min_similarity": args.min_similarity}
+    request["accelerate"] = {"fuse_qkv": args.fuse_qkv, "cache": cache}
     return request
 
 

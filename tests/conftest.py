@@ -23,6 +23,19 @@ def settings(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """REDIS_URL when set, else a throwaway redis-server of our own."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    from services import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def engine(settings):
     from fastgen.engine import Engine
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 from PIL import Image
-from services import Api, RedisServer, free_port, pid_alive, service_env, wait_until, worker
+from services import Api, free_port, pid_alive, service_env, wait_until, worker
 
 from fastgen.client import ServiceError
 
@@ -29,16 +29,6 @@ def quick(**fields) -> dict:
 
 def long_job(**fields) -> dict:
     return quick(width=256, height=256, steps=100, **fields)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,280 @@
+"""The approximate noise-state cache: exact resumption, matching rules, eviction, sharing, isolation, failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+from conftest import small
+from services import service_env
+
+from fastgen.cache.approximate import ApproximateCache, CacheConfig
+from fastgen.cache.index import VectorIndex
+from fastgen.cache.policy import FASTGEN, NIRVANA, CachePolicy
+from fastgen.cache.states import StateFiles
+from fastgen.cache.store import Entry, RedisCacheStore, SqliteCacheStore
+from fastgen.engine import Engine
+from fastgen.metrics import render_metrics
+
+SHAPES = {"model": "fastgen-shapes", "seed": 5}
+CAPTION = "a red circle at the top left on a blue background"
+NEAR_DUPLICATE = "a red circle in the top left on a blue background"
+
+
+def make_cache(tmp_path, embedder="minilm", **config) -> ApproximateCache:
+    config = {"budget_bytes": 10**9, "policy": FASTGEN, "embedder": embedder, "default_on": True, **config}
+    store = SqliteCacheStore(tmp_path / "cache.sqlite3")
+    return ApproximateCache(CacheConfig(**config), store, StateFiles(str(tmp_path / "states")))
+
+
+def cached_engine(engine: Engine, cache: ApproximateCache | None) -> Engine:
+    """An engine over the session's warm pipelines with its own cache."""
+    other = Engine(engine.settings, registry=engine.registry, cache=cache)
+    other.pool = engine.pool
+    return other
+
+
+def cache_report(generation) -> dict:
+    (report,) = [a.details for a in generation.result.accelerations if a.name == "cache"]
+    return report
+
+
+def pixels(generation) -> np.ndarray:
+    return np.stack([np.asarray(x) for x in (generation.frames or generation.images)])
+
+
+@pytest.fixture(scope="module")
+def minilm_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("minilm-cache")
+
+
+@pytest.mark.parametrize("model", ["fastgen-shapes", "tiny-sd", "tiny-pixart", "tiny-wan"])
+def test_resuming_a_prompt_from_its_own_state_reproduces_the_full_run(engine, tmp_path, model):
+    # DDIM, Euler, DPM-Solver++ (multistep history) and UniPC (history + corrector): all exact.
+    request = {"prompt": CAPTION, **SHAPES} if model == "fastgen-shapes" else small(model, steps=10)
+    run = cached_engine(engine, make_cache(tmp_path, embedder="pipeline"))
+    first = run.run(request)
+    again = run.run(request)
+    assert cache_report(first)["hit"] is False
+    report = cache_report(again)
+    assert report["hit"] is True and report["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert report["k"] == report["steps_saved"] == round(0.5 * first.result.steps)
+    np.testing.assert_array_equal(pixels(again), pixels(first))
+
+
+def test_near_duplicate_starts_at_the_expected_k_and_runs_the_remaining_steps(engine, minilm_cache_dir):
+    run = cached_engine(engine, make_cache(minilm_cache_dir))
+    miss = run.run({"prompt": CAPTION, **SHAPES})
+    assert cache_report(miss)["hit"] is False
+    assert cache_report(miss)["stored_steps"] == list(FASTGEN.marks(25))
+    steps = []
+    hit = run.run({"prompt": NEAR_DUPLICATE, **SHAPES, "seed": 9}, on_step=lambda p: steps.append((p.step, p.total)))
+    report = cache_report(hit)
+    k = FASTGEN.skip(report["similarity"], 25)
+    assert report["hit"] and report["k"] == k > 0 and report["start_seed"] == 5
+    assert steps == [(step, 25) for step in range(k + 1, 26)]  # only N-K steps ran
+    assert hit.result.steps == 25
+
+
+def test_a_dissimilar_prompt_misses(engine, minilm_cache_dir):
+    run = cached_engine(engine, make_cache(minilm_cache_dir))
+    run.run({"prompt": CAPTION, **SHAPES})
+    report = cache_report(run.run({"prompt": "an astronaut riding a horse on the moon, oil painting", **SHAPES}))
+    assert report["hit"] is False and report["reason"] == "no similar earlier prompt"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"width": 64, "height": 64}, {"steps": 20}, {"guidance": 5.0}, {"negative_prompt": "green"}, small("tiny-sd", seed=5)],
+    ids=["size", "steps", "guidance", "negative-prompt", "model"],
+)
+def test_incompatible_settings_never_match(engine, minilm_cache_dir, change):
+    run = cached_engine(engine, make_cache(minilm_cache_dir))
+    run.run({"prompt": CAPTION, **SHAPES})
+    report = cache_report(run.run({"prompt": CAPTION, **SHAPES, **change}))
+    assert report["hit"] is False
+
+
+def test_a_request_can_demand_a_closer_match(engine, minilm_cache_dir):
+    run = cached_engine(engine, make_cache(minilm_cache_dir))
+    run.run({"prompt": CAPTION, **SHAPES})
+    strict = {"prompt": NEAR_DUPLICATE, **SHAPES, "accelerate": {"cache": {"min_similarity": 0.9999}}}
+    assert cache_report(run.run(strict))["hit"] is False
+
+
+def test_with_the_cache_off_output_is_bit_identical_to_no_cache(engine, tmp_path):
+    request = {"prompt": CAPTION, **SHAPES}
+    plain = engine.run(request)
+    with_cache = cached_engine(engine, make_cache(tmp_path, embedder="pipeline"))
+    with_cache.run(request)
+    with_cache.run(request)  # a hit: resumed, then detached
+    off = with_cache.run({**request, "accelerate": {"cache": {"enabled": False}}})
+    assert [a.name for a in off.result.accelerations] == []
+    np.testing.assert_array_equal(pixels(off), pixels(plain))
+    np.testing.assert_array_equal(pixels(engine.run(request)), pixels(plain))
+
+
+def test_the_service_default_applies_when_a_request_does_not_say(engine, tmp_path):
+    run = cached_engine(engine, make_cache(tmp_path, embedder="pipeline", default_on=False))
+    assert run.run({"prompt": CAPTION, **SHAPES}).result.accelerations == []
+    on = run.run({"prompt": CAPTION, **SHAPES, "accelerate": {"cache": {"enabled": True}}})
+    assert cache_report(on)["hit"] is False
+
+
+def test_tenants_do_not_see_each_others_entries_unless_shared(engine, tmp_path):
+    isolated = cached_engine(engine, make_cache(tmp_path / "a", embedder="pipeline"))
+    isolated.run({"prompt": CAPTION, **SHAPES}, tenant="alice")
+    assert cache_report(isolated.run({"prompt": CAPTION, **SHAPES}, tenant="bob"))["hit"] is False
+    assert cache_report(isolated.run({"prompt": CAPTION, **SHAPES}, tenant="alice"))["hit"] is True
+    shared = cached_engine(engine, make_cache(tmp_path / "b", embedder="pipeline", share_across_tenants=True))
+    shared.run({"prompt": CAPTION, **SHAPES}, tenant="alice")
+    assert cache_report(shared.run({"prompt": CAPTION, **SHAPES}, tenant="bob"))["hit"] is True
+
+
+def test_a_corrupt_or_missing_state_is_a_logged_miss_not_a_failure(engine, tmp_path, caplog):
+    cache = make_cache(tmp_path, embedder="pipeline")
+    run = cached_engine(engine, cache)
+    run.run({"prompt": CAPTION, **SHAPES})
+    for path in (tmp_path / "states").rglob("*.safetensors"):
+        path.write_bytes(b"not a safetensors file")
+    generation = run.run({"prompt": CAPTION, **SHAPES})
+    report = cache_report(generation)
+    assert report["hit"] is False and report["reason"].startswith("stored state unreadable")
+    assert "unreadable" in caplog.text
+    assert generation.images and cache.store.counters()["bad_states"] == {"fastgen-shapes": 1}
+    (entry,) = cache.store.snapshot()[0][:1]
+    assert 12 not in entry.marks  # the bad mark is dropped; a later lookup uses another or misses
+    for path in (tmp_path / "states").rglob("*.safetensors"):
+        path.unlink()
+    assert cache_report(run.run({"prompt": CAPTION, **SHAPES}))["hit"] is False
+
+
+def test_counters_and_metrics(engine, tmp_path):
+    cache = make_cache(tmp_path, embedder="pipeline")
+    run = cached_engine(engine, cache)
+    run.run({"prompt": CAPTION, **SHAPES})
+    run.run({"prompt": CAPTION, **SHAPES})
+    counters = cache.store.counters()
+    assert counters["hits"] == counters["misses"] == {"fastgen-shapes": 1}
+    assert counters["steps_saved"] == {"fastgen-shapes": 12}
+    assert counters["steps_run"] == {"fastgen-shapes": 25 + 13}
+
+    class NoJobs:
+        def queue_depths(self):
+            return {}
+
+        def state_counts(self):
+            return {}
+
+        def latency(self):
+            from fastgen.jobs import LATENCY_BUCKETS, Histogram
+
+            return Histogram(LATENCY_BUCKETS, (0,) * len(LATENCY_BUCKETS), 0.0, 0)
+
+    text = render_metrics(NoJobs(), counters)
+    assert 'fastgen_cache_hits_total{model="fastgen-shapes"} 1' in text
+    assert 'fastgen_cache_steps_saved_total{model="fastgen-shapes"} 12' in text
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        return SqliteCacheStore(tmp_path / "cache.sqlite3")
+    return RedisCacheStore(request.getfixturevalue("redis_url"), prefix=f"test:{uuid.uuid4().hex}")
+
+
+def add_entry(store, marks: dict[int, int], partition: str = "p") -> int:
+    entry_id = store.new_id()
+    store.add(Entry(entry_id, partition, "prompt", 0, 50, np.ones(4, np.float32) / 2, marks))
+    return entry_id
+
+
+def test_lcbfu_evicts_lowest_steps_saved_times_frequency_first(store):
+    a = add_entry(store, {5: 100, 25: 100})
+    b = add_entry(store, {5: 100, 10: 100})
+    for _ in range(3):
+        store.hit(b, 5)  # b@5 scores 5 x 4 = 20
+    store.hit(a, 25)  # a@25 scores 25 x 2 = 50
+    # Scores: a@5 5, b@10 10, b@5 20, a@25 50; equal scores would go oldest first.
+    assert store.stored_bytes() == 400
+    assert store.evict(budget_bytes=250) == [(a, 5), (b, 10)]
+    assert store.stored_bytes() == 200
+    assert store.evict(budget_bytes=0) == [(b, 5), (a, 25)]
+    assert store.snapshot()[0] == []
+
+
+def test_equal_scores_evict_the_older_state_first(store):
+    old = add_entry(store, {10: 1})
+    new = add_entry(store, {10: 1})
+    assert store.evict(budget_bytes=1) == [(old, 10)]
+    assert [e.id for e in store.snapshot()[0]] == [new]
+
+
+def test_eviction_in_one_worker_reaches_the_others_through_the_log(store, tmp_path):
+    from fastgen.cache.approximate import SharedIndex
+
+    first, second = SharedIndex(store, "flat"), SharedIndex(store, "flat")
+    second.sync()
+    entry_id = add_entry(store, {5: 10, 10: 10})
+    second.sync()
+    assert second.entries[entry_id].marks == {5: 10, 10: 10}
+    first.sync()
+    store.evict(budget_bytes=10)
+    second.sync()
+    assert second.entries[entry_id].marks == {10: 10}
+    store.evict(budget_bytes=0)
+    second.sync()
+    assert entry_id not in second.entries and second.nearest("p", np.ones(4, np.float32) / 2, 3) == []
+
+
+def test_two_processes_share_entries_through_redis(engine, redis_url, tmp_path):
+    """Two separate processes: the second, started after the first exited, resumes from the first's state."""
+    env = service_env(
+        tmp_path / "data",
+        broker_url=redis_url,
+        model_dir=str(engine.settings.model_dir),
+        cache_embedder="minilm",
+        cache_url=str(tmp_path / "shared-states"),
+    )
+
+    def generate(prompt: str) -> dict:
+        out = str(tmp_path / "out.png")
+        args = [sys.executable, "-m", "fastgen", "generate", prompt, "--seed", "5", "--cache", "on", "--json", "-o", out]
+        out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+        result = json.loads(out[out.index("{") :])
+        (report,) = [a["details"] for a in result["accelerations"] if a["name"] == "cache"]
+        return report
+
+    assert generate(CAPTION)["hit"] is False
+    report = generate(NEAR_DUPLICATE)
+    assert report["hit"] is True and report["k"] == FASTGEN.skip(report["similarity"], 25)
+
+
+def test_hnsw_finds_what_flat_finds_and_forgets_removed_entries():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(500, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    flat, hnsw = VectorIndex(32, "flat"), VectorIndex(32, "hnsw")
+    for i, v in enumerate(vectors):
+        flat.add(i, v)
+        hnsw.add(i, v)
+    for q in vectors[:20] + 0.05:
+        assert hnsw.search(q, 1)[0][0] == flat.search(q, 1)[0][0]
+    for i in range(200):
+        flat.remove(i)
+        hnsw.remove(i)
+    assert len(hnsw) == 300 and all(i >= 200 for i, _ in hnsw.search(vectors[0], 5))
+    assert hnsw.search(vectors[300], 1)[0][0] == flat.search(vectors[300], 1)[0][0] == 300
+
+
+def test_policy_tables():
+    assert NIRVANA.marks(50) == (5, 10, 15, 20, 25)
+    assert NIRVANA.marks(25) == (2, 5, 8, 10, 12)
+    assert [NIRVANA.skip(s, 50) for s in (0.99, 0.93, 0.86, 0.8, 0.7, 0.6)] == [25, 20, 15, 10, 5, 0]
+    assert NIRVANA.skip(0.95, 50) == 20  # thresholds are strict: "above 0.95"
+    with pytest.raises(ValueError, match="thresholds"):
+        CachePolicy("bad", thresholds=((0.5, 0.1), (0.9, 0.4)))
