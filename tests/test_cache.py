@@ -89,7 +89,13 @@ def test_a_dissimilar_prompt_misses(engine, minilm_cache_dir):
 
 @pytest.mark.parametrize(
     "change",
-    [{"width": 64, "height": 64}, {"steps": 20}, {"guidance": 5.0}, {"negative_prompt": "green"}, small("tiny-sd", seed=5)],
+    [
+        {"width": 64, "height": 64},
+        {"steps": 20},
+        {"guidance": 5.0},
+        {"negative_prompt": "green"},
+        small("tiny-sd", seed=5),
+    ],
     ids=["size", "steps", "guidance", "negative-prompt", "model"],
 )
 def test_incompatible_settings_never_match(engine, minilm_cache_dir, change):
@@ -243,7 +249,8 @@ def test_two_processes_share_entries_through_redis(engine, redis_url, tmp_path):
 
     def generate(prompt: str) -> dict:
         out = str(tmp_path / "out.png")
-        args = [sys.executable, "-m", "fastgen", "generate", prompt, "--seed", "5", "--cache", "on", "--json", "-o", out]
+        args = [sys.executable, "-m", "fastgen", "generate", prompt, "--seed", "5", "--cache", "on", "--json"]
+        args += ["-o", out]
         out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
         result = json.loads(out[out.index("{") :])
         (report,) = [a["details"] for a in result["accelerations"] if a["name"] == "cache"]
