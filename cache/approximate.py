@@ -268,7 +268,10 @@ class CacheRun:
         """Attach the resume (on a hit); returns the function that detaches it and the call's extra kwargs."""
         if self.hit is None:
             return (lambda: None), {}
-        handle, kwargs = resume.apply(pipe, self.hit.state)
+        state = self.hit.state
+        if self.cache.config.policy.reseed:
+            state = resume.reseed(state, pipe.scheduler, self.hit.entry.seed, self.seed)
+        handle, kwargs = resume.apply(pipe, state)
         return handle.remove, kwargs
 
     def on_step(self, step: int, latents: torch.Tensor) -> None:

@@ -11,6 +11,8 @@ Two kinds, chosen by name (``FASTGEN_CACHE_EMBEDDER``):
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +34,10 @@ def normalise(vector: np.ndarray) -> np.ndarray:
     return vector / norm
 
 
+MAX_TOKENS = 77  # what a CLIP text encoder reads: words past it never reach the image, so they should not match
+RECENT_PROMPTS = 4096  # embeddings remembered: exact repeats are common in real traffic
+
+
 class SentenceEmbedder:
     """A sentence-transformers model, loaded once, on CPU (it is small and keeps the GPU for diffusion)."""
 
@@ -40,10 +46,21 @@ class SentenceEmbedder:
 
         self.name = f"sentence-transformers:{model}"
         self.model = SentenceTransformer(model, device="cpu")
+        self.model.max_seq_length = min(self.model.max_seq_length or MAX_TOKENS, MAX_TOKENS)
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def embed(self, text: str) -> np.ndarray:
-        with torch.inference_mode():
-            return normalise(self.model.encode([text], convert_to_numpy=True)[0])
+        with self._lock:
+            if text in self._recent:
+                self._recent.move_to_end(text)
+                return self._recent[text]
+            with torch.inference_mode():
+                vector = normalise(self.model.encode([text], convert_to_numpy=True)[0])
+            self._recent[text] = vector
+            if len(self._recent) > RECENT_PROMPTS:
+                self._recent.popitem(last=False)
+            return vector
 
 
 class PipelineEmbedder:

@@ -10,7 +10,10 @@ fastgen's own policy keeps that table and changes how candidates are used:
   most skipped steps among the marks it still holds (eviction removes single marks, so the nearest
   entry may have lost the mark its similarity earns while a close runner-up still has it);
 - a hit stores the states it passes through after K, so the prompts people actually ask for become
-  entries themselves and later repeats match them more closely than the entry they started from.
+  entries themselves and later repeats match them more closely than the entry they started from;
+- a hit swaps the stored state's starting noise for the request's own seed's (``resume.reseed``): the earlier
+  run's content, this request's randomness, so repeats of a prompt with new seeds still vary and land nearer to
+  what the request would have drawn uncached.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class CachePolicy:
     thresholds: tuple[tuple[float, float], ...] = ((0.95, 0.5), (0.9, 0.4), (0.85, 0.3), (0.75, 0.2), (0.65, 0.1))
     candidates: int = 1  # nearest entries considered per lookup
     store_on_hit: bool = False  # a hit stores the states it computes after K
+    reseed: bool = False  # swap the stored state's starting noise for the request's own (resume.reseed)
 
     def __post_init__(self):
         sims = [s for s, _ in self.thresholds]
@@ -52,5 +56,5 @@ class CachePolicy:
 
 
 NIRVANA = CachePolicy("nirvana")
-FASTGEN = CachePolicy("fastgen", candidates=8, store_on_hit=True)
+FASTGEN = CachePolicy("fastgen", candidates=8, store_on_hit=True, reseed=True)
 POLICIES = {policy.name: policy for policy in (NIRVANA, FASTGEN)}

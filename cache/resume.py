@@ -111,6 +111,38 @@ def from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> 
     return State(int(meta["step"]), int(meta["total"]), tensors["latents"], history)
 
 
+def noise_level(scheduler, steps: int, step: int) -> float:
+    """How much unit noise the latents hold after ``step`` of ``steps`` steps: latents = signal + level * noise."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(steps)
+    if hasattr(scheduler, "_sigma_to_alpha_sigma_t"):  # multistep solvers: VP or flow sigmas
+        return float(scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[step])[1])
+    if hasattr(scheduler, "sigmas"):  # Euler and flow-matching Euler: latents = x0 + sigma * noise (scaled)
+        return float(scheduler.sigmas[step])
+    alpha = scheduler.alphas_cumprod[int(scheduler.timesteps[step])]  # DDIM: variance-preserving
+    return float((1 - alpha).sqrt())
+
+
+def starting_noise(shape: torch.Size, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The unit noise a pipeline starts from with fastgen's seeded CPU generator."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+
+
+def reseed(state: State, scheduler, from_seed: int, to_seed: int) -> State:
+    """The state with the noise of ``from_seed``'s start swapped for ``to_seed``'s, at the state's noise level.
+
+    A stored state is roughly signal + level * (its run's starting noise). Swapping in the request's own starting
+    noise keeps the denoised content the earlier run reached and gives the rest of the run this request's own
+    randomness, so a hit lands nearer to what the request would have drawn uncached (identity for equal seeds).
+    """
+    if from_seed == to_seed:
+        return state
+    level = noise_level(scheduler, state.total, state.step)
+    shape, dtype = state.latents.shape, state.latents.dtype
+    swapped = state.latents + level * (starting_noise(shape, to_seed, dtype) - starting_noise(shape, from_seed, dtype))
+    return State(state.step, state.total, swapped, state.history)
+
+
 class ResumingScheduler:
     """Stands in for ``pipe.scheduler`` during a resumed call; everything else goes to the real one."""
 

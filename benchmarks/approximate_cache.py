@@ -1,0 +1,218 @@
+"""Benchmark of the approximate noise-state cache: steps saved, speed and fidelity against no cache, in one run.
+
+The technique is Nirvana's (Agarwal et al., "Approximate Caching for Efficiently Serving Text-to-Image Diffusion
+Models", NSDI 2024); fastgen implements it in ``fastgen.cache``.
+
+Each trace is replayed through the engine in its order. Every request runs three ways, interleaved so a slow spell
+of the machine hits all alike: with no cache; with the paper's policy as published (``nirvana``: its similarity
+thresholds and K table, the nearest entry only, states stored on misses only); and with fastgen's policy
+(``fastgen``: the same table, the best of the 8 nearest entries, states stored on hits too). Each policy has its
+own empty cache at the start of a trace. Seeds are the trace's own where it has them (krea), else the row number,
+so repeats of a prompt ask for different images, as they do in real use.
+
+Reported per trace and policy: share of denoising steps saved, hit rate, end-to-end time ratio (cached / plain,
+summed over the trace), lookup + state load time per request (absolute and as a share of a miss), and fidelity of
+hits against the exact generation of the same prompt and seed (PSNR, SSIM). The built-in ``shapes`` trace (all
+450 fastgen-shapes captions in seeded order, each twice with different seeds) adds prompt adherence: how often
+the cached image still shows what its caption asks for, against the exact images.
+
+The model is ``fastgen-shapes`` (32x32, 25 DDIM steps), the one model here that draws what it is asked, with the
+offline all-MiniLM-L6-v2 embedder. Real-trace prompts are far outside what it knows, so for them fidelity is
+pixel fidelity only. Traces are read at run time (``--trace``, repeatable; by default every ``*.jsonl`` in
+``../shared/data/prompts``), never copied into the project.
+
+    HF_HUB_OFFLINE=1 python benchmarks/approximate_cache.py [--trace FILE ...] [--limit 400]
+
+Writes ``approximate_cache.json`` and ``approximate_cache.md`` to ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastgen.cache.approximate import ApproximateCache, CacheConfig
+from fastgen.cache.policy import FASTGEN, NIRVANA, CachePolicy
+from fastgen.cache.states import StateFiles
+from fastgen.cache.store import SqliteCacheStore
+from fastgen.engine import Engine
+from fastgen.quality import psnr, ssim
+from fastgen.settings import Settings
+from fastgen.shapes import scenes
+from fastgen.shapes.score import score
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TRACES = ROOT.parent / "shared" / "data" / "prompts"
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+MODEL = "fastgen-shapes"
+POLICIES = (NIRVANA, FASTGEN)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", type=Path, action="append", help="a .jsonl trace with a 'prompt' field per line")
+    parser.add_argument("--limit", type=int, default=400, help="requests replayed per real trace (from its start)")
+    parser.add_argument("--no-shapes", action="store_true", help="skip the built-in shapes-caption trace")
+    parser.add_argument("--shapes-limit", type=int, default=900, help="requests replayed of the shapes trace")
+    parser.add_argument("--embedder", default="minilm")
+    parser.add_argument("--budget-mb", type=float, default=1024.0, help="cache byte budget (LCBFU evicts beyond)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def read_trace(path: Path, limit: int) -> list[dict[str, Any]]:
+    """Requests in trace order: the prompt (cut to the service's length limit), the trace's seed or the row number."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
+    longest = Settings().limits.max_prompt_chars
+    return [
+        {"prompt": row["prompt"][:longest], "seed": int(row.get("seed") or i) % 2**31} for i, row in enumerate(rows)
+    ]
+
+
+def shapes_trace(seed: int = 0) -> list[dict[str, Any]]:
+    """Every caption twice, in seeded random order, each time with its own seed."""
+    captions = [scenes.caption(scene) for scene in scenes.all_scenes()] * 2
+    random.Random(seed).shuffle(captions)
+    return [{"prompt": text, "seed": 1000 + i} for i, text in enumerate(captions)]
+
+
+def make_cache(policy: CachePolicy, embedder: str, budget_bytes: int, folder: Path) -> ApproximateCache:
+    config = CacheConfig(budget_bytes=budget_bytes, policy=policy, embedder=embedder, default_on=True)
+    return ApproximateCache(config, SqliteCacheStore(folder / "cache.sqlite3"), StateFiles(str(folder / "states")))
+
+
+def replay(base: Engine, requests: list[dict[str, Any]], args, folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every request plain and under each policy, interleaved; per-request records per configuration."""
+    engines = {"plain": base}
+    for policy in POLICIES:
+        cache = make_cache(policy, args.embedder, int(args.budget_mb * 2**20), folder / policy.name)
+        engines[policy.name] = Engine(base.settings, registry=base.registry, cache=cache)
+        engines[policy.name].pool = base.pool
+        cache.embedder(None, MODEL)  # load the embedder before timing
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
+    for request in requests:
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            generation = engine.run({**request, "model": MODEL})
+            seconds = time.perf_counter() - start
+            cache = next((a.details for a in generation.result.accelerations if a.name == "cache"), {})
+            image = np.asarray(generation.images[0])
+            records[name].append({"seconds": seconds, "cache": cache, "image": image, "prompt": request["prompt"]})
+    return records
+
+
+def summarise(records: dict[str, list[dict[str, Any]]], steps: int, adherence: bool) -> dict[str, Any]:
+    plain = records["plain"]
+    plain_s = sum(r["seconds"] for r in plain)
+    summary: dict[str, Any] = {"requests": len(plain), "plain_s_per_request": plain_s / len(plain)}
+    if adherence:
+        summary["adherence_plain"] = _adherence(plain)
+    for policy in POLICIES:
+        runs = records[policy.name]
+        hits = [(r, p) for r, p in zip(runs, plain, strict=True) if r["cache"].get("hit")]
+        misses = [r["seconds"] for r in runs if not r["cache"].get("hit")]
+        lookups = [r["cache"]["lookup_s"] for r in runs]
+        psnrs = [psnr(p["image"], r["image"]) for r, p in hits]
+        result = {
+            "hit_rate": len(hits) / len(runs),
+            "steps_saved_share": sum(r["cache"]["steps_saved"] for r in runs) / (steps * len(runs)),
+            "time_ratio": sum(r["seconds"] for r in runs) / plain_s,
+            "lookup_ms_mean": 1000 * statistics.fmean(lookups),
+            "lookup_share_of_miss": statistics.fmean(lookups) / statistics.median(misses) if misses else None,
+            "hits": len(hits),
+            "hit_psnr_db_median": _finite(statistics.median(psnrs)) if psnrs else None,
+            "hit_psnr_db_mean": _finite(statistics.fmean(min(p, 100.0) for p in psnrs)) if psnrs else None,
+            "hit_ssim_mean": statistics.fmean(ssim(p["image"], r["image"]) for r, p in hits) if hits else None,
+            "mean_k_on_hits": statistics.fmean(r["cache"]["k"] for r, _ in hits) if hits else None,
+        }
+        if adherence:
+            result["adherence"] = _adherence(runs)
+            result["adherence_change"] = result["adherence"] - summary["adherence_plain"]
+        summary[policy.name] = result
+    return summary
+
+
+def _adherence(runs: list[dict[str, Any]]) -> float:
+    return statistics.fmean(score(r["image"], r["prompt"]).all for r in runs)
+
+
+def _finite(value: float) -> float | str:
+    return "inf" if np.isinf(value) else float(value)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| trace | requests | policy | steps saved | hit rate | time (cached/plain) | lookup+load per request "
+        "| hit PSNR (median) | hit SSIM (mean) | adherence change |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for trace, summary in results["traces"].items():
+        for policy in POLICIES:
+            r = summary[policy.name]
+            share = r["lookup_share_of_miss"]
+            lines.append(
+                f"| {trace} | {summary['requests']} | {policy.name} | {r['steps_saved_share']:.1%}"
+                f" | {r['hit_rate']:.1%}"
+                f" | {r['time_ratio']:.3f} | {r['lookup_ms_mean']:.1f} ms"
+                f" ({share:.1%} of a miss) | {_num(r['hit_psnr_db_median'])} dB | {_num(r['hit_ssim_mean'], 3)}"
+                f" | {_change(r.get('adherence_change'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _num(value, digits: int = 1) -> str:
+    return "-" if value is None else value if isinstance(value, str) else f"{value:.{digits}f}"
+
+
+def _change(value) -> str:
+    return "-" if value is None else f"{value * 100:+.1f} pts"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    traces = args.trace or sorted(DEFAULT_TRACES.glob("*.jsonl"))
+    workloads = {path.stem: read_trace(path, args.limit) for path in traces}
+    if not args.no_shapes:
+        workloads["shapes-captions"] = shapes_trace()[: args.shapes_limit]
+    settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="fastgen-bench-")), device="cpu")
+    base = Engine(settings)
+    base.run({"prompt": "warm-up", "model": MODEL, "seed": 0})
+    steps = base.registry.resolve(MODEL).steps
+    results: dict[str, Any] = {
+        "model": MODEL,
+        "steps": steps,
+        "embedder": args.embedder,
+        "budget_mb": args.budget_mb,
+        "policies": {
+            p.name: {"thresholds": p.thresholds, "candidates": p.candidates, "store_on_hit": p.store_on_hit}
+            for p in POLICIES
+        },
+        "machine": {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads},
+        "traces": {},
+    }
+    for name, requests in workloads.items():
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix=f"cache-{name}-") as folder:
+            records = replay(base, requests, args, Path(folder))
+        results["traces"][name] = summarise(records, steps, adherence=name == "shapes-captions")
+        print(f"{name}: {time.perf_counter() - started:.0f}s", json.dumps(results["traces"][name], default=str))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "approximate_cache.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (args.out / "approximate_cache.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
