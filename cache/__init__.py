@@ -9,6 +9,7 @@ similarity-to-K table), ``resume`` (exact resumption per scheduler), ``approxima
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,9 +26,12 @@ def open_cache(settings: Settings) -> ApproximateCache | None:
     from fastgen.cache.states import StateFiles
     from fastgen.cache.store import open_cache_store
 
+    policy = POLICIES[settings.cache_policy]
+    if settings.cache_threshold_table is not None:
+        policy = dataclasses.replace(policy, thresholds=settings.cache_threshold_table)
     config = CacheConfig(
         budget_bytes=settings.cache_bytes,
-        policy=POLICIES[settings.cache_policy],
+        policy=policy,
         embedder=settings.cache_embedder,
         share_across_tenants=settings.cache_share_tenants,
         index=settings.cache_index,

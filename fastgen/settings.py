@@ -57,6 +57,7 @@ class Settings:
     cache_bytes: int = 2 * 1024**3  # FASTGEN_CACHE_BYTES: approximate-cache states kept; 0 turns the cache off
     cache_default: bool = False  # FASTGEN_CACHE_DEFAULT: use the cache for requests that do not say
     cache_policy: str = "fastgen"  # FASTGEN_CACHE_POLICY: fastgen or nirvana (the paper's, as published)
+    cache_thresholds: str = ""  # FASTGEN_CACHE_THRESHOLDS: "0.95:0.5,0.9:0.4,..." similarity:skipped fraction
     cache_embedder: str = "pipeline"  # FASTGEN_CACHE_EMBEDDER: pipeline, minilm, or a sentence-transformers model
     cache_share_tenants: bool = False  # FASTGEN_CACHE_SHARE_TENANTS: let tenants reuse each other's states
     cache_index: str = "flat"  # FASTGEN_CACHE_INDEX: flat (exact) or hnsw (millions of entries)
@@ -76,6 +77,7 @@ class Settings:
             raise ValueError(f"FASTGEN_CACHE_BYTES must be 0 (off) or more, got {self.cache_bytes}")
         if self.cache_policy not in ("fastgen", "nirvana"):
             raise ValueError(f"FASTGEN_CACHE_POLICY must be fastgen or nirvana, got {self.cache_policy!r}")
+        self.cache_threshold_table  # noqa: B018 -- a malformed table fails at start-up
         if self.cache_index not in ("flat", "hnsw"):
             raise ValueError(f"FASTGEN_CACHE_INDEX must be flat or hnsw, got {self.cache_index!r}")
         if self.job_timeout_s <= 0:
@@ -91,6 +93,20 @@ class Settings:
         if any("=" not in pair for pair in pairs):
             raise ValueError("FASTGEN_API_KEYS must look like key1=tenant1,key2=tenant2")
         return dict(pair.split("=", 1) for pair in pairs)
+
+    @property
+    def cache_threshold_table(self) -> tuple[tuple[float, float], ...] | None:
+        """FASTGEN_CACHE_THRESHOLDS as (minimum similarity, fraction of steps skipped) pairs; None: the policy's."""
+        if not self.cache_thresholds.strip():
+            return None
+        try:
+            pairs = [item.split(":") for item in self.cache_thresholds.split(",") if item.strip()]
+            return tuple((float(similarity), float(fraction)) for similarity, fraction in pairs)
+        except ValueError:
+            raise ValueError(
+                "FASTGEN_CACHE_THRESHOLDS must look like 0.95:0.5,0.9:0.4 (similarity:fraction of steps skipped), "
+                f"got {self.cache_thresholds!r}"
+            ) from None
 
     def served_models(self, builtins: list[str]) -> list[str]:
         names = [name.strip() for name in self.models.split(",") if name.strip()]

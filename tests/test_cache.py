@@ -285,3 +285,72 @@ def test_policy_tables():
     assert NIRVANA.skip(0.95, 50) == 20  # thresholds are strict: "above 0.95"
     with pytest.raises(ValueError, match="thresholds"):
         CachePolicy("bad", thresholds=((0.5, 0.1), (0.9, 0.4)))
+
+
+def test_reseeding_a_hit_lands_nearer_the_requests_own_image(engine, tmp_path):
+    """A repeat with a new seed: the stored state with its starting noise swapped for the request's own."""
+    from fastgen.quality import psnr
+
+    exact = pixels(engine.run({"prompt": CAPTION, **SHAPES, "seed": 6}))
+    images = {}
+    for policy in (NIRVANA, FASTGEN):
+        run = cached_engine(engine, make_cache(tmp_path / policy.name, embedder="pipeline", policy=policy))
+        run.run({"prompt": CAPTION, **SHAPES})  # stored from seed 5
+        hit = run.run({"prompt": CAPTION, **SHAPES, "seed": 6})
+        assert cache_report(hit)["k"] == 12
+        images[policy.name] = pixels(hit)
+    assert psnr(exact, images["fastgen"]) > psnr(exact, images["nirvana"]) + 3.0
+
+
+@pytest.mark.parametrize("model", ["fastgen-shapes", "tiny-sd", "tiny-pixart", "tiny-wan"])
+def test_noise_level_falls_through_the_schedule_and_reseed_is_identity_for_the_same_seed(engine, model):
+    import torch
+
+    from fastgen.cache import resume
+
+    scheduler = engine.pool.get(engine.registry.resolve(model))[0].pipe.scheduler
+    levels = [resume.noise_level(scheduler, 10, k) for k in range(10)]
+    assert all(a > b for a, b in zip(levels[:-1], levels[1:], strict=True)) and levels[-1] > 0
+    state = resume.State(4, 10, torch.randn(1, 4, 8, 8), {})
+    assert resume.reseed(state, scheduler, 3, 3) is state
+    moved = resume.reseed(state, scheduler, 3, 4).latents - state.latents
+    expected = levels[4] * (
+        resume.starting_noise(state.latents.shape, 4, torch.float32)
+        - resume.starting_noise(state.latents.shape, 3, torch.float32)
+    )
+    torch.testing.assert_close(moved, expected)
+
+
+def test_a_scheduler_that_cannot_resume_exactly_is_a_reported_miss(engine, tmp_path):
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    from fastgen.cache import resume
+
+    assert "cannot resume exactly" in resume.resumable(EulerAncestralDiscreteScheduler())
+    assert "stochastic" in resume.resumable(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"))
+    pipe = engine.pool.get(engine.registry.resolve("tiny-sd"))[0].pipe
+    original = pipe.scheduler
+    pipe.__dict__["scheduler"] = EulerAncestralDiscreteScheduler.from_config(original.config)
+    try:
+        generation = cached_engine(engine, make_cache(tmp_path, embedder="pipeline")).run(small("tiny-sd"))
+    finally:
+        pipe.__dict__["scheduler"] = original
+    report = cache_report(generation)
+    assert report["hit"] is False and "EulerAncestralDiscreteScheduler cannot resume exactly" in report["reason"]
+
+
+def test_threshold_table_from_the_environment(tmp_path):
+    from fastgen.cache import open_cache
+    from fastgen.settings import Settings
+
+    settings = Settings.from_env({"FASTGEN_CACHE_THRESHOLDS": "0.97:0.6, 0.9:0.2", "FASTGEN_DATA_DIR": str(tmp_path)})
+    assert settings.cache_threshold_table == ((0.97, 0.6), (0.9, 0.2))
+    assert open_cache(settings).config.policy.skip(0.98, 50) == 30
+    with pytest.raises(ValueError, match="FASTGEN_CACHE_THRESHOLDS must look like"):
+        Settings.from_env({"FASTGEN_CACHE_THRESHOLDS": "high"})
+    with pytest.raises(ValueError, match="FASTGEN_CACHE_DEFAULT must be true or false"):
+        Settings.from_env({"FASTGEN_CACHE_DEFAULT": "maybe"})
+    assert (
+        Settings.from_env({"FASTGEN_CACHE_BYTES": "0"}).cache_bytes == 0
+        and open_cache(Settings(cache_bytes=0)) is None
+    )

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from types import SimpleNamespace
 
 import httpx
@@ -187,6 +188,21 @@ def test_models_health_metrics_and_docs(service, client):
     count = int(metrics.split("fastgen_job_latency_seconds_count ")[1].split()[0])
     assert succeeded >= 1 and count >= succeeded
     assert "/v1/jobs" in httpx.get(f"{service.api.url}/openapi.json").json()["paths"]
+
+
+def test_approximate_cache_through_the_service(service, client):
+    """Two jobs on the same prompt with the cache on: the second resumes the first's state; /metrics counts it."""
+    request = quick(prompt=f"a cached prompt {uuid.uuid4().hex}", steps=6, accelerate={"cache": {"enabled": True}})
+    reports = []
+    for _ in range(2):
+        status = client.wait(client.submit(request)["id"], timeout_s=120)
+        assert status["status"] == "succeeded", status
+        (report,) = [a["details"] for a in status["result"]["accelerations"] if a["name"] == "cache"]
+        reports.append(report)
+    assert reports[0]["hit"] is False and reports[0]["stored_steps"] == [1, 2, 3]
+    assert reports[1]["hit"] is True and reports[1]["k"] == 3 and reports[1]["steps_saved"] == 3
+    metrics = httpx.get(f"{service.api.url}/metrics").text
+    assert int(metrics.split('fastgen_cache_hits_total{model="tiny-sd"} ')[1].split()[0]) >= 1
 
 
 def test_tenants_see_only_their_own_jobs(service, tmp_path):
