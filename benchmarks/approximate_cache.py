@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_trace(path: Path, limit: int) -> list[dict[str, Any]]:
     """Requests in trace order: the prompt (cut to the service's length limit), the trace's seed or the row number."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if row.get("prompt", "").strip()][:limit]  # blank prompts are refused at the door
     longest = Settings().limits.max_prompt_chars
     return [
         {"prompt": row["prompt"][:longest], "seed": int(row.get("seed") or i) % 2**31} for i, row in enumerate(rows)
@@ -208,10 +209,14 @@ def main(argv: list[str] | None = None) -> None:
             records = replay(base, requests, args, Path(folder))
         results["traces"][name] = summarise(records, steps, adherence=name == "shapes-captions")
         print(f"{name}: {time.perf_counter() - started:.0f}s", json.dumps(results["traces"][name], default=str))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "approximate_cache.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (args.out / "approximate_cache.md").write_text(markdown(results))
+        write(results, args.out)  # after every trace: a long run that stops keeps what it measured
     print(markdown(results))
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "approximate_cache.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "approximate_cache.md").write_text(markdown(results))
 
 
 if __name__ == "__main__":
