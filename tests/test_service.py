@@ -124,7 +124,8 @@ def test_worker_killed_mid_job_the_job_completes_exactly_once(service, client):
         wait_until(lambda: _running_at_step(client, job["id"], 2), 120, "the job to run")
     finally:
         first.kill()
-    assert not first.group_alive()
+    # SIGKILL reaches every process of the group, but a busy machine may take a moment to tear them down.
+    wait_until(lambda: not first.group_alive(), 10, "the killed worker group to be gone")
     second = worker(service.env, log, models="tiny-pixart")
     try:
         status = client.wait(job["id"], timeout_s=150)
