@@ -23,7 +23,11 @@ pixel fidelity only. Traces are read at run time (``--trace``, repeatable; by de
 
     HF_HUB_OFFLINE=1 python benchmarks/approximate_cache.py [--trace FILE ...] [--limit 400]
 
-Writes ``approximate_cache.json`` and ``approximate_cache.md`` to ``--out`` (default ``benchmarks/results``).
+Writes ``<name>.json`` and ``<name>.md`` to ``--out`` (defaults ``approximate_cache``, ``benchmarks/results``). The
+shapes trace with the model's own text encoder as the embedder:
+
+    HF_HUB_OFFLINE=1 python benchmarks/approximate_cache.py --only-shapes --shapes-limit 300 --embedder pipeline \
+        --name approximate_cache_pipeline_embedder
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trace", type=Path, action="append", help="a .jsonl trace with a 'prompt' field per line")
     parser.add_argument("--limit", type=int, default=400, help="requests replayed per real trace (from its start)")
     parser.add_argument("--no-shapes", action="store_true", help="skip the built-in shapes-caption trace")
+    parser.add_argument("--only-shapes", action="store_true", help="replay the shapes-caption trace only")
+    parser.add_argument("--name", default="approximate_cache", help="results file name (without extension)")
     parser.add_argument("--shapes-limit", type=int, default=900, help="requests replayed of the shapes trace")
     parser.add_argument("--embedder", default="minilm")
     parser.add_argument("--budget-mb", type=float, default=1024.0, help="cache byte budget (LCBFU evicts beyond)")
@@ -96,11 +102,12 @@ def make_cache(policy: CachePolicy, embedder: str, budget_bytes: int, folder: Pa
 def replay(base: Engine, requests: list[dict[str, Any]], args, folder: Path) -> dict[str, list[dict[str, Any]]]:
     """Every request plain and under each policy, interleaved; per-request records per configuration."""
     engines = {"plain": base}
+    pipe = base.pool.get(base.registry.resolve(MODEL))[0].pipe
     for policy in POLICIES:
         cache = make_cache(policy, args.embedder, int(args.budget_mb * 2**20), folder / policy.name)
         engines[policy.name] = Engine(base.settings, registry=base.registry, cache=cache)
         engines[policy.name].pool = base.pool
-        cache.embedder(None, MODEL)  # load the embedder before timing
+        cache.embedder(pipe, MODEL)  # load the embedder before timing
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     for request in requests:
         for name, engine in engines.items():
@@ -183,7 +190,7 @@ def _change(value) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    traces = args.trace or sorted(DEFAULT_TRACES.glob("*.jsonl"))
+    traces = [] if args.only_shapes else args.trace or sorted(DEFAULT_TRACES.glob("*.jsonl"))
     workloads = {path.stem: read_trace(path, args.limit) for path in traces}
     if not args.no_shapes:
         workloads["shapes-captions"] = shapes_trace()[: args.shapes_limit]
@@ -209,14 +216,14 @@ def main(argv: list[str] | None = None) -> None:
             records = replay(base, requests, args, Path(folder))
         results["traces"][name] = summarise(records, steps, adherence=name == "shapes-captions")
         print(f"{name}: {time.perf_counter() - started:.0f}s", json.dumps(results["traces"][name], default=str))
-        write(results, args.out)  # after every trace: a long run that stops keeps what it measured
+        write(results, args.out, args.name)  # after every trace: a long run that stops keeps what it measured
     print(markdown(results))
 
 
-def write(results: dict[str, Any], out: Path) -> None:
+def write(results: dict[str, Any], out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "approximate_cache.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / "approximate_cache.md").write_text(markdown(results))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / f"{name}.md").write_text(markdown(results))
 
 
 if __name__ == "__main__":
