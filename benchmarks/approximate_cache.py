@@ -6,7 +6,8 @@ Models", NSDI 2024); fastgen implements it in ``fastgen.cache``.
 Each trace is replayed through the engine in its order. Every request runs three ways, interleaved so a slow spell
 of the machine hits all alike: with no cache; with the paper's policy as published (``nirvana``: its similarity
 thresholds and K table, the nearest entry only, states stored on misses only); and with fastgen's policy
-(``fastgen``: the same table, the best of the 8 nearest entries, states stored on hits too). Each policy has its
+(``fastgen``: the same table, the best of the 8 nearest entries, states stored on hits too, hits reseeded with the
+request's own starting noise); ``--thresholds`` adds fastgen's policy with another table. Each policy has its
 own empty cache at the start of a trace. Seeds are the trace's own where it has them (krea), else the row number,
 so repeats of a prompt ask for different images, as they do in real use.
 
@@ -33,6 +34,7 @@ shapes trace with the model's own text encoder as the embedder:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -59,7 +61,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACES = ROOT.parent / "shared" / "data" / "prompts"
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 MODEL = "fastgen-shapes"
-POLICIES = (NIRVANA, FASTGEN)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="approximate_cache", help="results file name (without extension)")
     parser.add_argument("--shapes-limit", type=int, default=900, help="requests replayed of the shapes trace")
     parser.add_argument("--embedder", default="minilm")
+    parser.add_argument("--thresholds", default="", help="also run fastgen's policy with this table (0.99:0.5,...)")
     parser.add_argument("--budget-mb", type=float, default=1024.0, help="cache byte budget (LCBFU evicts beyond)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -99,11 +101,19 @@ def make_cache(policy: CachePolicy, embedder: str, budget_bytes: int, folder: Pa
     return ApproximateCache(config, SqliteCacheStore(folder / "cache.sqlite3"), StateFiles(str(folder / "states")))
 
 
+def policies(args) -> tuple[CachePolicy, ...]:
+    """The paper's, fastgen's, and with ``--thresholds`` fastgen's with that table."""
+    if not args.thresholds:
+        return NIRVANA, FASTGEN
+    table = Settings(cache_thresholds=args.thresholds).cache_threshold_table
+    return NIRVANA, FASTGEN, dataclasses.replace(FASTGEN, name="fastgen-custom", thresholds=table)
+
+
 def replay(base: Engine, requests: list[dict[str, Any]], args, folder: Path) -> dict[str, list[dict[str, Any]]]:
     """Every request plain and under each policy, interleaved; per-request records per configuration."""
     engines = {"plain": base}
     pipe = base.pool.get(base.registry.resolve(MODEL))[0].pipe
-    for policy in POLICIES:
+    for policy in policies(args):
         cache = make_cache(policy, args.embedder, int(args.budget_mb * 2**20), folder / policy.name)
         engines[policy.name] = Engine(base.settings, registry=base.registry, cache=cache)
         engines[policy.name].pool = base.pool
@@ -121,13 +131,14 @@ def replay(base: Engine, requests: list[dict[str, Any]], args, folder: Path) -> 
 
 
 def summarise(records: dict[str, list[dict[str, Any]]], steps: int, adherence: bool) -> dict[str, Any]:
+    """Per policy (every configuration but plain): steps saved, hit rate, time ratio, overhead, hit fidelity."""
     plain = records["plain"]
     plain_s = sum(r["seconds"] for r in plain)
     summary: dict[str, Any] = {"requests": len(plain), "plain_s_per_request": plain_s / len(plain)}
     if adherence:
         summary["adherence_plain"] = _adherence(plain)
-    for policy in POLICIES:
-        runs = records[policy.name]
+    for name in (name for name in records if name != "plain"):
+        runs = records[name]
         hits = [(r, p) for r, p in zip(runs, plain, strict=True) if r["cache"].get("hit")]
         misses = [r["seconds"] for r in runs if not r["cache"].get("hit")]
         lookups = [r["cache"]["lookup_s"] for r in runs]
@@ -147,7 +158,7 @@ def summarise(records: dict[str, list[dict[str, Any]]], steps: int, adherence: b
         if adherence:
             result["adherence"] = _adherence(runs)
             result["adherence_change"] = result["adherence"] - summary["adherence_plain"]
-        summary[policy.name] = result
+        summary[name] = result
     return summary
 
 
@@ -166,11 +177,11 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for trace, summary in results["traces"].items():
-        for policy in POLICIES:
-            r = summary[policy.name]
+        for name in results["policies"]:
+            r = summary[name]
             share = r["lookup_share_of_miss"]
             lines.append(
-                f"| {trace} | {summary['requests']} | {policy.name} | {r['steps_saved_share']:.1%}"
+                f"| {trace} | {summary['requests']} | {name} | {r['steps_saved_share']:.1%}"
                 f" | {r['hit_rate']:.1%}"
                 f" | {r['time_ratio']:.3f} | {r['lookup_ms_mean']:.1f} ms"
                 f" ({share:.1%} of a miss) | {_num(r['hit_psnr_db_median'])} dB | {_num(r['hit_ssim_mean'], 3)}"
@@ -203,10 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": steps,
         "embedder": args.embedder,
         "budget_mb": args.budget_mb,
-        "policies": {
-            p.name: {"thresholds": p.thresholds, "candidates": p.candidates, "store_on_hit": p.store_on_hit}
-            for p in POLICIES
-        },
+        "policies": {p.name: dataclasses.asdict(p) for p in policies(args)},
         "machine": {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads},
         "traces": {},
     }
