@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -198,14 +199,14 @@ class ApproximateCache:
             usable = [k for k in entry.marks if k <= allowed]
             if usable and (best is None or (max(usable), similarity) > best[:2]):
                 best = (max(usable), similarity, entry)
-        lookup.hit, lookup.reason = self._load(model, partition, best) if best else (None, "no similar earlier prompt")
+        lookup.hit, lookup.reason = self._load(model, best) if best else (None, "no similar earlier prompt")
         lookup.seconds = time.perf_counter() - started
         return lookup
 
-    def _load(self, model: str, partition: str, best: tuple[int, float, Entry]) -> tuple[Hit | None, str]:
+    def _load(self, model: str, best: tuple[int, float, Entry]) -> tuple[Hit | None, str]:
         skip, similarity, entry = best
         try:
-            state = self.files.read(partition, entry.id, skip)
+            state = self.files.read(entry.id, skip)
             if state.step != skip or state.total != entry.total_steps:
                 raise ValueError(f"state file holds step {state.step} of {state.total}")
         except Exception as exc:
@@ -218,20 +219,13 @@ class ApproximateCache:
     def store_states(self, lookup: Lookup, request: GenerationRequest, seed: int, states: list[resume.State]) -> int:
         """Write captured states as a new entry and evict down to the budget; return the new entry's id."""
         entry_id = self.store.new_id()
-        marks = {state.step: self.files.write(lookup.partition, entry_id, state) for state in states}
+        marks = {state.step: self.files.write(entry_id, state) for state in states}
         prompt_id = digest(request.prompt, 12)
         entry = Entry(entry_id, lookup.partition, prompt_id, seed, request.steps, lookup.embedding, marks)
         self.store.add(entry)
         for evicted_id, k in self.store.evict(self.config.budget_bytes):
-            self.files.delete(self._partition_of(evicted_id, lookup), evicted_id, k)
+            self.files.delete(evicted_id, k)
         return entry_id
-
-    def _partition_of(self, entry_id: int, lookup: Lookup) -> str:
-        known = self.index.entries.get(entry_id)
-        if known is not None:
-            return known.partition
-        entry = self.store.entry(entry_id)
-        return entry.partition if entry is not None else lookup.partition
 
 
 @dataclass
@@ -243,7 +237,7 @@ class CacheRun:
     model: str
     request: GenerationRequest | None
     seed: int
-    lookup: Lookup | None
+    lookup: Lookup
     captured: list[resume.State] = field(default_factory=list)
 
     @classmethod
@@ -252,26 +246,27 @@ class CacheRun:
 
     @property
     def hit(self) -> Hit | None:
-        return self.lookup.hit if self.lookup else None
+        return self.lookup.hit
 
     @property
     def skipped(self) -> int:
         return self.hit.skip if self.hit else 0
 
-    @property
+    @cached_property
     def marks(self) -> tuple[int, ...]:
+        """The steps whose states this run stores (computed once: it is asked after every denoising step)."""
         if self.request is None or (self.hit and not self.cache.config.policy.store_on_hit):
             return ()
         return tuple(k for k in self.cache.config.policy.marks(self.request.steps) if k > self.skipped)
 
-    def resume(self, pipe) -> tuple[Callable[[], None], dict[str, Any]]:
+    def resume(self) -> tuple[Callable[[], None], dict[str, Any]]:
         """Attach the resume (on a hit); returns the function that detaches it and the call's extra kwargs."""
         if self.hit is None:
             return (lambda: None), {}
         state = self.hit.state
         if self.cache.config.policy.reseed:
-            state = resume.reseed(state, pipe.scheduler, self.hit.entry.seed, self.seed)
-        handle, kwargs = resume.apply(pipe, state)
+            state = resume.reseed(state, self.pipe.scheduler, self.hit.entry.seed, self.seed)
+        handle, kwargs = resume.apply(self.pipe, state)
         return handle.remove, kwargs
 
     def on_step(self, step: int, latents: torch.Tensor) -> None:
@@ -282,7 +277,7 @@ class CacheRun:
     def finish(self) -> dict[str, Any]:
         """After a completed run: store what was captured, count, and report."""
         report = self.report()
-        if self.lookup is None or self.request is None:
+        if self.request is None:  # unusable: nothing was looked up, nothing to store or count
             return report
         try:
             if self.captured:
@@ -310,7 +305,6 @@ class CacheRun:
                 "start_seed": hit.entry.seed,
             }
         else:
-            report["reason"] = self.lookup.reason if self.lookup else ""
-        if self.lookup is not None:
-            report["lookup_s"] = round(self.lookup.seconds, 6)
+            report["reason"] = self.lookup.reason
+        report["lookup_s"] = round(self.lookup.seconds, 6)
         return report

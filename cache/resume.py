@@ -51,11 +51,6 @@ class State:
     latents: torch.Tensor
     history: dict[str, Any]
 
-    @property
-    def nbytes(self) -> int:
-        tensors, _ = flatten(self.history)
-        return sum(t.numel() * t.element_size() for t in (self.latents, *tensors.values()))
-
 
 def capture(scheduler, latents: torch.Tensor, step: int, total: int) -> State:
     """A CPU copy of the state after ``step`` steps (call it from the step-end callback)."""

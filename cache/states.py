@@ -3,42 +3,42 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import fsspec
 from safetensors.torch import load, save
 
 from fastgen.cache.resume import State, from_safetensors, to_safetensors
 
-logger = logging.getLogger(__name__)
-
 
 class StateFiles:
-    """``<url>/<partition>/<entry id>/k<K>.safetensors``: a local directory, or any fsspec URL across machines."""
+    """``<url>/<entry id>/k<K>.safetensors``: a local directory, or any fsspec URL across machines.
+
+    Entry ids are unique across partitions (the store hands them out), so a path needs nothing else.
+    """
 
     def __init__(self, url: str):
         self.fs, self.root = fsspec.core.url_to_fs(url)
 
-    def path(self, partition: str, entry_id: int, k: int) -> str:
-        return f"{self.root}/{partition}/{entry_id}/k{k}.safetensors"
+    def path(self, entry_id: int, k: int) -> str:
+        return f"{self.root}/{entry_id}/k{k}.safetensors"
 
-    def write(self, partition: str, entry_id: int, state: State) -> int:
+    def write(self, entry_id: int, state: State) -> int:
         """Store the state; return its size in bytes."""
         tensors, meta = to_safetensors(state)
         data = save(tensors, metadata=meta)
-        path = self.path(partition, entry_id, state.step)
+        path = self.path(entry_id, state.step)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         self.fs.pipe_file(path, data)
         return len(data)
 
-    def read(self, partition: str, entry_id: int, k: int) -> State:
+    def read(self, entry_id: int, k: int) -> State:
         """The stored state; raises on a missing or unreadable file (the caller treats that as a miss)."""
-        data = self.fs.cat_file(self.path(partition, entry_id, k))
+        data = self.fs.cat_file(self.path(entry_id, k))
         return from_safetensors(load(data), header_metadata(data))
 
-    def delete(self, partition: str, entry_id: int, k: int) -> None:
+    def delete(self, entry_id: int, k: int) -> None:
         try:
-            self.fs.rm_file(self.path(partition, entry_id, k))
+            self.fs.rm_file(self.path(entry_id, k))
         except FileNotFoundError:
             pass
 

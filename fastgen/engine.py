@@ -212,16 +212,15 @@ class Engine:
         spec, request = self.prepare(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         loaded, load_s = self.pool.get(spec)
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(0, request.steps)
+        monitor = StepMonitor(request.steps, on_step, cancel)
+        monitor.check_cancel()
         with loaded.lock:
             cached = self.cache.begin(loaded.pipe, spec.name, request, seed, tenant) if self.cache else None
-            monitor = StepMonitor(
-                request.steps, on_step, cancel, cached.skipped if cached else 0, cached.on_step if cached else None
-            )
+            if cached:
+                monitor.skipped, monitor.on_latents = cached.skipped, cached.on_step
             attached = attach(loaded.pipe, request.accelerate, self.accelerators)
             try:
-                detach_resume, resume_kwargs = cached.resume(loaded.pipe) if cached else (lambda: None, {})
+                detach_resume, resume_kwargs = cached.resume() if cached else (lambda: None, {})
                 try:
                     monitor.start = time.perf_counter()
                     output = loaded.pipe(**call_kwargs(loaded.pipe, spec, request, seed, monitor) | resume_kwargs)
