@@ -184,12 +184,17 @@ def build_tiny_sd(seed: int = 0) -> StableDiffusionPipeline:
         unet = _sd_unet()
     with _seeded(seed + 2):
         vae = _sd_vae(scaling_factor=0.18215)
+    return stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, _sd_scheduler())
+
+
+def stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline from its parts, without a safety checker (none exists offline)."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_sd_scheduler(),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

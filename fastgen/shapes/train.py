@@ -25,7 +25,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from fastgen.models.builtin import clip_text_encoder
+from fastgen.models.builtin import clip_text_encoder, stable_diffusion_pipeline
 from fastgen.shapes import scenes as sc
 
 logger = logging.getLogger(__name__)
@@ -253,16 +253,7 @@ def train_denoiser(
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = stable_diffusion_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
     pipe.save_pretrained(out, safe_serialization=True)
     return pipe
 
