@@ -31,6 +31,7 @@ def _adherence_section(evaluation: dict | None) -> str:
 def model_card(stats: dict, evaluation: dict | None = None) -> str:
     cfg, params = stats["config"], stats["params"]
     guidance = evaluation["best_guidance"] if evaluation else 2.5
+    channels = cfg.get("latent_channels", 4)
     return f"""# fastgen-shapes
 
 A tiny latent text-to-image model trained from scratch on CPU on procedural 32x32 scenes of one coloured shape at a
@@ -64,7 +65,7 @@ split seed {sc.SPLIT_SEED}) is held out of training entirely; training used the 
 - Tokenizer: CLIPTokenizer over a BPE trained with the `tokenizers` library on the caption words (every word is one
   token), max length 16.
 - Text encoder: CLIPTextModel, hidden 64, 2 layers, 4 heads ({params["text_encoder"]:,} parameters), trained jointly.
-- VAE: AutoencoderKL, 3 levels (32, 64, 64), 1 layer per block, 4 latent channels: 32x32x3 -> 8x8x4
+- VAE: AutoencoderKL, 3 levels (32, 64, 64), 1 layer per block, {channels} latent channels: 32x32x3 -> 8x8x{channels}
   ({params["vae"]:,} parameters); scaling factor {stats["scaling_factor"]} (1/std of the latents); reconstruction
   {stats["vae_psnr_db"]} dB PSNR on training images.
 - UNet: UNet2DConditionModel, channels (64, 128), 1 layer per block, cross-attention dim 64 in both levels,

@@ -1,0 +1,98 @@
+"""Self-attention over a row strip: local queries against keys and values from the whole image.
+
+- synchronous steps: every strip's fresh K/V (an all-gather), so attention is exact;
+- ``displaced`` (DistriFusion, arXiv:2402.19481): this strip's fresh K/V with the other strips' from the previous
+  step, all-gathered asynchronously;
+- ``pcpp`` (Zhang et al., "Partially Conditioned Patch Parallelism for Accelerated Diffusion Model Inference",
+  arXiv:2412.02962): this strip's fresh K/V plus only the nearest ``fraction`` of each neighbouring strip's tokens,
+  from the previous step, swapped with the two neighbours instead of gathered from everyone.
+
+Cross-attention (keys from the text) is left to the original processor: it needs nothing from other strips.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.parallel.patch.context import PatchContext
+
+
+class PatchSelfAttention:
+    """Attention processor for one self-attention layer; delegates cross-attention to the original."""
+
+    def __init__(self, ctx: PatchContext, key: str, original):
+        self.ctx, self.key, self.original = ctx, key, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise ValueError(f"patch parallelism: {self.key} uses a mask or an attention norm it cannot split")
+        residual, shape = hidden_states, hidden_states.shape
+        if hidden_states.ndim == 4:
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        kv = torch.stack([attn.to_k(hidden_states), attn.to_v(hidden_states)])  # (2, B, tokens, inner)
+        key, value = self.context_kv(kv)
+        out = self.attend(attn, query, key, value)
+        if len(shape) == 4:
+            out = out.transpose(1, 2).reshape(shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def context_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self.ctx
+        if ctx.synchronous:
+            return self._synchronous(kv)
+        if ctx.mode == "pcpp":
+            above, below = ctx.edges.get(self.key)
+            first, last = ctx.index == 0, ctx.index == ctx.size - 1
+            full = torch.cat(([] if first else [above]) + [kv] + ([] if last else [below]), dim=2)
+            ctx.edges.put(self.key, self._edges(kv))
+        else:
+            stale = ctx.gather.get(self.key)
+            full = torch.cat([kv if r == ctx.index else stale[r] for r in range(ctx.size)], dim=2)
+            ctx.gather.put(self.key, kv[None])
+        return full[0], full[1]
+
+    def _synchronous(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self.ctx
+        if ctx.mode == "pcpp":
+            # Exact warm-up from a plain gather; the neighbour swap only primes the stale edges for later steps.
+            parts = ctx.all_gather_now(kv)
+            ctx.edges.exchange_now(self.key, self._edges(kv))
+        else:
+            parts = list(ctx.gather.exchange_now(self.key, kv[None]).unbind(0))
+        full = torch.cat(parts, dim=2)
+        return full[0], full[1]
+
+    def _edges(self, kv: torch.Tensor) -> torch.Tensor:
+        """[head, tail]: the tokens nearest the strip above and the strip below."""
+        count = max(1, math.ceil(self.ctx.fraction * kv.shape[2]))
+        return torch.stack([kv[:, :, :count], kv[:, :, -count:]])
+
+    @staticmethod
+    def attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        batch, heads = query.shape[0], attn.heads
+        head_dim = key.shape[-1] // heads
+        query, key, value = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def self_attention_processors(ctx: PatchContext, model: torch.nn.Module) -> dict:
+    """The model's processors with every self-attention one wrapped (cross-attention ones kept as they are)."""
+    processors = {}
+    for name, processor in model.attn_processors.items():
+        module = model.get_submodule(name.removesuffix(".processor"))
+        processors[name] = processor if module.is_cross_attention else PatchSelfAttention(ctx, name, processor)
+    return processors
