@@ -34,6 +34,15 @@ class _Split:
     multiple: int  # latent rows per strip must be a multiple of this (the model's downsampling)
     calls: int = 0
     output_bytes: int = 0
+    bytes_by_phase: dict[str, list[int]] = field(default_factory=lambda: {"synchronous": [], "stale": []})
+
+    @property
+    def bytes_received(self) -> int:
+        return (self.ctx.bytes_received if self.ctx else 0) + self.output_bytes
+
+    @property
+    def synchronous(self) -> bool:
+        return self.ctx is None or self.ctx.synchronous
 
 
 @dataclass
@@ -52,15 +61,16 @@ class ParallelHandle:
             self.model.set_attn_processor(self.processors)
 
     def report(self) -> dict[str, Any]:
-        config, ctx = self.split.groups.config, self.split.ctx
-        exchanged = (ctx.bytes_received if ctx else 0) + self.split.output_bytes
+        config, phases = self.split.groups.config, self.split.bytes_by_phase
         return {
             "world_size": config.world_size,
             "patch": config.patch,
             "cfg": config.cfg,
             "mode": config.mode if config.patch > 1 else None,
             "model_calls": self.split.calls,
-            "bytes_received_per_call": exchanged // max(self.split.calls, 1),
+            "bytes_received_per_call": self.split.bytes_received // max(self.split.calls, 1),
+            # Per phase: warm-up calls exchange fresh data; later ones (displaced, pcpp) use last step's.
+            "bytes_received_per_call_by_phase": {k: sum(v) // len(v) for k, v in phases.items() if v},
             "wrapped_layers": dict(self.counts),
         }
 
@@ -97,6 +107,7 @@ def apply(pipe, groups: ParallelGroups) -> ParallelHandle:
 def _split_forward(split: _Split, forward, sample: torch.Tensor, *args, return_dict: bool = True, **kwargs):
     groups, ctx = split.groups, split.ctx
     split.calls += 1
+    before = split.bytes_received
     halves = groups.cfg_group is not None and sample.shape[0] % 2 == 0
     if halves:
         sample, args, kwargs = _batch_half(sample, args, kwargs, groups.cfg_index)
@@ -109,6 +120,8 @@ def _split_forward(split: _Split, forward, sample: torch.Tensor, *args, return_d
         out = torch.cat(_gather(out, ctx.group, ctx.size, split), dim=2)
     if halves:
         out = torch.cat(_gather(out, groups.cfg_group, 2, split), dim=0)
+    phase = "synchronous" if split.synchronous else "stale"
+    split.bytes_by_phase[phase].append(split.bytes_received - before)
     if return_dict:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 

@@ -69,17 +69,19 @@ def init_rank(rank: int, world_size: int, port: int, backend: str = "gloo") -> N
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
 
-def _rank_main(rank: int, fn: Callable, world_size: int, port: int, threads: int, results, args: tuple) -> None:
+def _rank_main(rank: int, fn: Callable, world_size: int, port: int, threads: int, backend: str, results, args) -> None:
     torch.set_num_threads(threads)
-    init_rank(rank, world_size, port)
+    init_rank(rank, world_size, port, backend)
     try:
         results.put((rank, fn(rank, world_size, *args)))
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int, *args, threads: int = 1, timeout_s: float = 600) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes in one gloo group; their results.
+def run_ranks(
+    fn: Callable, world_size: int, *args, threads: int = 1, backend: str = "gloo", timeout_s: float = 600
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes in one process group; their results.
 
     ``fn`` must be importable (spawned processes unpickle it by name). A rank that fails fails the call.
     """
@@ -87,7 +89,7 @@ def run_ranks(fn: Callable, world_size: int, *args, threads: int = 1, timeout_s:
     results = mp.get_context("spawn").Queue()
     context = mp.start_processes(
         _rank_main,
-        args=(fn, world_size, free_port(), threads, results, args),
+        args=(fn, world_size, free_port(), threads, backend, results, args),
         nprocs=world_size,
         join=False,
         start_method="spawn",

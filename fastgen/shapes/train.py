@@ -194,6 +194,20 @@ def vae_psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / F.mse_loss(recon.clamp(-1, 1), pixels).item())
 
 
+@torch.no_grad()
+def reconstruction_adherence(vae: AutoencoderKL, per_caption: int = 4) -> float:
+    """Share of the VAE's reconstructions of held-out renders that the scorer reads all-correct: the ceiling the
+    whole model can reach, since every generated image goes through this decoder."""
+    from fastgen.shapes.score import adherence
+
+    scenes = sc.heldout_scenes() * per_caption
+    renders = np.stack([sc.render(scene, 1000 + i) for i, scene in enumerate(scenes)])
+    pixels = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+    images = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return adherence(list(images), [sc.caption(scene) for scene in scenes])["all"]
+
+
 def loss_weight(snr: torch.Tensor, cap: float) -> torch.Tensor:
     """x0-style weight for a v-prediction loss: (min(SNR, cap) + 1) / (SNR + 1)."""
     return (snr.clamp(max=cap) + 1) / (snr + 1)
@@ -296,6 +310,7 @@ def run(cfg: TrainConfig) -> dict:
     latents = encode_latents(vae, pixels)
     stats["vae_psnr_db"] = round(vae_psnr(vae, pixels[:2048]), 2)
     stats["scaling_factor"] = round(vae.config.scaling_factor, 4)
+    stats["vae_heldout_adherence"] = round(reconstruction_adherence(vae), 4)
     logger.info("vae psnr %.2f dB, scaling factor %.4f", stats["vae_psnr_db"], stats["scaling_factor"])
     ema_unet, ema_text, denoiser_stats = train_denoiser(unet, text_encoder, tokenizer, latents, captions, cfg)
     stats |= denoiser_stats

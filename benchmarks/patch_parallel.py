@@ -1,0 +1,273 @@
+"""Benchmark of patch parallelism: 1 rank against 2 ranks on one image, speed and fidelity in one run.
+
+Methods: DistriFusion's displaced patch parallelism (Li et al., CVPR 2024, arXiv:2402.19481) and partially
+conditioned patches (PCPP, Zhang et al., arXiv:2412.02962), with the exact synchronous split and the naive split
+(no exchange) as references; ``fastgen.parallel``.
+
+What is measured, per latent size:
+- a UNet with the Stable Diffusion 1.5 structure (blocks, layers, heads, cross-attention) at seeded random
+  weights; ``--width 1`` is the real SD-1.5 (860M), the default 0.5 halves every channel count (a reduced-width
+  copy with the same structure, so a CPU run finishes), with fastgen's tiny VAE and a 768-wide text encoder;
+- inside one 2-process gloo group, interleaved per repeat: the plain pipeline on rank 0 alone (1 rank x 1 thread;
+  rank 1 waits), then each mode on both ranks (2 ranks x 1 thread each);
+- per-step time: the median UNet call after the warm-up steps (what DistriFusion's speedup is about), and
+  end-to-end time (text encoder, all steps, VAE decode: the parts that are not split are replicated);
+  speedups are plain / mode, per repeat, median over repeats;
+- bytes this rank received per UNet call after warm-up (gathers, neighbour swaps, the output gather);
+- fidelity of each mode's image against the plain image of the same seed: PSNR and SSIM.
+
+Run from the repository root (defaults: sizes 512 and 768 px, 8 steps, 2 warm-up steps, 2 repeats)::
+
+    HF_HUB_OFFLINE=1 python benchmarks/patch_parallel.py
+    HF_HUB_OFFLINE=1 python benchmarks/patch_parallel.py --device cuda --width 1 --sizes 1024,2048
+
+Writes ``patch_parallel.json`` and ``patch_parallel.md`` to ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import torch.distributed as dist
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from fuse_qkv import clip_text_encoder
+
+from fastgen.engine import to_uint8
+from fastgen.models.builtin import _seeded, build_tiny_sd
+from fastgen.parallel.config import ParallelConfig
+from fastgen.parallel.denoiser import apply
+from fastgen.parallel.groups import ParallelGroups, run_ranks
+from fastgen.quality import psnr, ssim
+
+logger = logging.getLogger("benchmarks.patch_parallel")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+MODES = ("naive", "sync", "displaced", "pcpp")
+PROMPT = "a lighthouse on a cliff above a stormy sea at dusk, oil painting"
+
+
+def sd15_structure_unet(width: float) -> UNet2DConditionModel:
+    """SD-1.5's UNet config (runwayml/stable-diffusion-v1-5) with every channel count scaled by ``width``."""
+    channels = tuple(int(c * width) for c in (320, 640, 1280, 1280))
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=channels,
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    ).eval()
+
+
+def build(width: float, seed: int, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    tiny = build_tiny_sd(seed)
+    tok = tiny.tokenizer
+    with _seeded(seed + 10):
+        text_encoder = clip_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    with _seeded(seed + 11):
+        unet = sd15_structure_unet(width)
+    components = {**tiny.components, "unet": unet, "text_encoder": text_encoder}
+    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class CallTimer:
+    """Wall time of every UNet call (synchronised on CUDA), via forward hooks."""
+
+    def __init__(self, model: torch.nn.Module, device: str):
+        self.device, self.times, self.started = device, [], 0.0
+        self.hooks = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _pre(self, *_):
+        self._sync()
+        self.started = time.perf_counter()
+
+    def _post(self, *_):
+        self._sync()
+        self.times.append(time.perf_counter() - self.started)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def timed_generate(pipe, args, size: int) -> tuple[np.ndarray, float, list[float]]:
+    timer = CallTimer(pipe.unet, args.device)
+    started = time.perf_counter()
+    try:
+        image = pipe(
+            PROMPT,
+            height=size,
+            width=size,
+            num_inference_steps=args.steps,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(args.seed),
+            output_type="np",
+        ).images[0]
+    finally:
+        timer.remove()
+    return to_uint8(image), time.perf_counter() - started, timer.times
+
+
+def rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict:
+    """Both ranks run this; rank 0's plain runs happen while rank 1 waits at a barrier."""
+    if args.device == "cuda":
+        args.device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
+    pipe = build(args.width, args.seed, args.device, args.dtype)
+    groups = {mode: ParallelGroups.build(config(mode, args)) for mode in MODES}
+    results = {}
+    for size in args.sizes:
+        rows = results[size] = {"plain": [], **{mode: [] for mode in MODES}}
+        if rank == 0:
+            timed_generate(pipe, args, size)  # warm-up of the plain path
+        handle = apply(pipe, groups["sync"])  # and of the split path
+        try:
+            timed_generate(pipe, args, size)
+        finally:
+            handle.remove()
+        dist.barrier()
+        for repeat in range(args.repeats):
+            if rank == 0:
+                rows["plain"].append(timed_generate(pipe, args, size))
+            dist.barrier()
+            for mode in MODES:
+                handle = apply(pipe, groups[mode])
+                try:
+                    image, seconds, calls = timed_generate(pipe, args, size)
+                finally:
+                    handle.remove()
+                rows[mode].append((image, seconds, calls, handle.report()))
+                logger.info("rank %d size %d repeat %d %s %.2fs", rank, size, repeat, mode, seconds)
+    return summarise(results, args) if rank == 0 else {}
+
+
+def config(mode: str, args) -> ParallelConfig:
+    return ParallelConfig(patch=2, mode=mode, warmup_steps=args.warmup, pcpp_fraction=args.pcpp_fraction)
+
+
+def summarise(results: dict, args) -> dict:
+    summary = {}
+    for size, rows in results.items():
+        plain = rows["plain"]
+        entry = {"latent": size // 8, "plain": _timing(plain, args)}
+        for mode in MODES:
+            runs = rows[mode]
+            timing = _timing(runs, args)
+            timing["step_speedup"] = statistics.median(
+                statistics.median(p[2][args.warmup + 1 :]) / statistics.median(r[2][args.warmup + 1 :])
+                for p, r in zip(plain, runs, strict=True)
+            )
+            timing["end_to_end_speedup"] = statistics.median(p[1] / r[1] for p, r in zip(plain, runs, strict=True))
+            report = runs[0][3]
+            timing["bytes_per_step"] = report["bytes_received_per_call_by_phase"].get(
+                "stale", report["bytes_received_per_call"]
+            )
+            timing["bytes_per_warmup_step"] = report["bytes_received_per_call_by_phase"].get("synchronous")
+            timing["psnr_db"] = _finite(psnr(plain[0][0], runs[0][0]))
+            timing["ssim"] = ssim(plain[0][0], runs[0][0])
+            entry[mode] = timing
+        displaced = entry["displaced"]["bytes_per_step"]
+        entry["pcpp"]["bytes_vs_displaced"] = entry["pcpp"]["bytes_per_step"] / displaced if displaced else None
+        summary[str(size)] = entry
+    return summary
+
+
+def _finite(value: float) -> float | str:
+    return value if np.isfinite(value) else "inf"  # JSON has no infinity
+
+
+def _timing(runs: list, args) -> dict:
+    steady = [statistics.median(r[2][args.warmup + 1 :]) for r in runs]
+    return {"step_s": statistics.median(steady), "end_to_end_s": statistics.median(r[1] for r in runs)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="512,768", help="comma-separated image sizes in pixels (latent = size/8)")
+    parser.add_argument("--width", type=float, default=0.5, help="channel scale of the SD-1.5 structure (1: real)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="synchronous steps after the first")
+    parser.add_argument("--pcpp-fraction", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (gloo, 1 thread per rank) or cuda (NCCL, a GPU per rank)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    if args.steps <= args.warmup + 1:
+        parser.error(f"--steps must exceed --warmup + 1 ({args.warmup + 1}) so some steps run displaced")
+    return args
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    lines = [
+        f"Patch parallelism, {meta['ranks']} ranks x 1 thread against 1 rank x 1 thread ({meta['device']}); "
+        f"SD-1.5-structure UNet at width {meta['width']}, {meta['steps']} steps ({meta['warmup']} warm-up), "
+        f"median of {meta['repeats']} interleaved repeats.",
+        "",
+        "| size (latent) | mode | step speedup | end-to-end speedup | bytes / step | PSNR vs 1 rank | SSIM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size, entry in summary.items():
+        for mode in MODES:
+            r = entry[mode]
+            psnr_text = "exact" if r["psnr_db"] == "inf" else f"{r['psnr_db']:.1f} dB"
+            lines.append(
+                f"| {size} ({entry['latent']}) | {mode} | {r['step_speedup']:.2f}x | {r['end_to_end_speedup']:.2f}x "
+                f"| {r['bytes_per_step'] / 2**20:.2f} MiB | {psnr_text} | {r['ssim']:.3f} |"
+            )
+    for size, entry in summary.items():
+        ratio = entry["pcpp"]["bytes_vs_displaced"]
+        lines.append(f"\nAt {size} px PCPP moves {100 * ratio:.0f}% of DistriFusion's (displaced) bytes per step.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.time()
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    summary = run_ranks(rank_main, 2, args, threads=1, backend=backend, timeout_s=6 * 3600)[0]
+    meta = {
+        "ranks": 2,
+        "device": args.device,
+        "width": args.width,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "pcpp_fraction": args.pcpp_fraction,
+        "seconds": round(time.time() - started, 1),
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "patch_parallel.json").write_text(json.dumps({"meta": meta, "results": summary}, indent=2) + "\n")
+    (args.out / "patch_parallel.md").write_text(markdown(summary, meta))
+    print(markdown(summary, meta))
+
+
+if __name__ == "__main__":
+    main()
