@@ -14,7 +14,9 @@ What is measured, per latent size:
   end-to-end time (text encoder, all steps, VAE decode: the parts that are not split are replicated);
   speedups are plain / mode, per repeat, median over repeats;
 - bytes this rank received per UNet call after warm-up (gathers, neighbour swaps, the output gather);
-- fidelity of each mode's image against the plain image of the same seed: PSNR and SSIM.
+- fidelity of each mode's image against the plain image of the same seed: PSNR and SSIM;
+- the quality harness on the trained ``fastgen-shapes`` (32x32, 8x8 latents cut into two 4-row strips, 25 steps):
+  PSNR/SSIM against the single-rank image and prompt adherence on every held-out caption, per mode.
 
 Run from the repository root (defaults: sizes 256 and 512 px, width 0.5, 8 steps, 2 warm-up steps, 2 repeats;
 about 8 minutes on 2 CPU cores)::
@@ -43,6 +45,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from fuse_qkv import clip_text_encoder
 
 from fastgen.engine import to_uint8
+from fastgen.harness import fidelity, heldout_captions
 from fastgen.models.builtin import _seeded, build_tiny_sd
 from fastgen.parallel.config import ParallelConfig
 from fastgen.parallel.denoiser import apply
@@ -55,6 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 MODES = ("naive", "sync", "displaced", "pcpp")
 PROMPT = "a lighthouse on a cliff above a stormy sea at dusk, oil painting"
+SHAPES = REPO / "fastgen" / "models" / "weights" / "fastgen-shapes"
+SHAPES_GUIDANCE = 2.5
 
 
 def sd15_structure_unet(width: float) -> UNet2DConditionModel:
@@ -130,6 +135,7 @@ def timed_generate(pipe, args, size: int) -> tuple[np.ndarray, float, list[float
 
 def rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     """Both ranks run this; rank 0's plain runs happen while rank 1 waits at a barrier."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(message)s")
     if args.device == "cuda":
         args.device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
@@ -158,7 +164,28 @@ def rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict:
                     handle.remove()
                 rows[mode].append((image, seconds, calls, handle.report()))
                 logger.info("rank %d size %d repeat %d %s %.2fs", rank, size, repeat, mode, seconds)
-    return summarise(results, args) if rank == 0 else {}
+    shapes = shapes_fidelity(rank, groups) if args.shapes else None
+    return {"sizes": summarise(results, args), "shapes": shapes} if rank == 0 else {}
+
+
+def shapes_fidelity(rank: int, groups: dict) -> dict:
+    """Every held-out caption on fastgen-shapes, single rank (rank 0 alone) against each mode on both ranks."""
+    from fastgen.shapes.evaluate import generate, load
+
+    pipe, captions = load(SHAPES), heldout_captions()
+    plain = generate(pipe, captions, SHAPES_GUIDANCE) if rank == 0 else None
+    dist.barrier()
+    results = {}
+    for mode in MODES:
+        handle = apply(pipe, groups[mode])
+        try:
+            images = generate(pipe, captions, SHAPES_GUIDANCE)
+        finally:
+            handle.remove()
+        if rank == 0:
+            results[mode] = fidelity(plain, images, captions)
+            logger.info("fastgen-shapes %s: %s", mode, results[mode]["adherence_accelerated"])
+    return results
 
 
 def config(mode: str, args) -> ParallelConfig:
@@ -211,24 +238,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (gloo, 1 thread per rank) or cuda (NCCL, a GPU per rank)")
+    parser.add_argument("--no-shapes", dest="shapes", action="store_false", help="skip the fastgen-shapes harness")
+    parser.add_argument("--name", default="patch_parallel", help="output file stem")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     if args.steps <= args.warmup + 1:
         parser.error(f"--steps must exceed --warmup + 1 ({args.warmup + 1}) so some steps run displaced")
     return args
 
 
-def markdown(summary: dict, meta: dict) -> str:
+def markdown(summary: dict, shapes: dict | None, meta: dict) -> str:
     lines = [
         f"Patch parallelism, {meta['ranks']} ranks x 1 thread against 1 rank x 1 thread ({meta['device']}); "
         f"SD-1.5-structure UNet at width {meta['width']}, {meta['steps']} steps ({meta['warmup']} warm-up), "
         f"median of {meta['repeats']} interleaved repeats.",
-        "",
-        "| size (latent) | mode | step speedup | end-to-end speedup | bytes / step | PSNR vs 1 rank | SSIM |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if summary:
+        lines += [
+            "",
+            "| size (latent) | mode | step speedup | end-to-end speedup | bytes / step | PSNR vs 1 rank | SSIM |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for size, entry in summary.items():
         for mode in MODES:
             r = entry[mode]
@@ -240,7 +272,24 @@ def markdown(summary: dict, meta: dict) -> str:
     for size, entry in summary.items():
         ratio = entry["pcpp"]["bytes_vs_displaced"]
         lines.append(f"\nAt {size} px PCPP moves {100 * ratio:.0f}% of DistriFusion's (displaced) bytes per step.")
+    if shapes:
+        lines += [
+            "",
+            "| fastgen-shapes, 45 held-out captions | PSNR dB median / min vs 1 rank | SSIM mean | adherence 1 rank | "
+            "adherence split | change |",
+            "|---|---|---|---|---|---|",
+        ]
+        for mode, r in shapes.items():
+            exact, split = r["adherence_exact"]["all"], r["adherence_accelerated"]["all"]
+            lines.append(
+                f"| {mode} | {_db(r['psnr_db_median'])} / {_db(r['psnr_db_min'])} | {r['ssim_mean']:.3f} "
+                f"| {100 * exact:.1f}% | {100 * split:.1f}% | {100 * (split - exact):+.1f} pts |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _db(value) -> str:
+    return value if isinstance(value, str) else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.time()
     backend = "nccl" if args.device == "cuda" else "gloo"
-    summary = run_ranks(rank_main, 2, args, threads=1, backend=backend, timeout_s=6 * 3600)[0]
+    result = run_ranks(rank_main, 2, args, threads=1, backend=backend, timeout_s=6 * 3600)[0]
+    summary, shapes = result["sizes"], result["shapes"]
     meta = {
         "ranks": 2,
         "device": args.device,
@@ -265,9 +315,10 @@ def main(argv: list[str] | None = None) -> None:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "patch_parallel.json").write_text(json.dumps({"meta": meta, "results": summary}, indent=2) + "\n")
-    (args.out / "patch_parallel.md").write_text(markdown(summary, meta))
-    print(markdown(summary, meta))
+    report = {"meta": meta, "results": summary, "shapes": shapes}
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(summary, shapes, meta))
+    print(markdown(summary, shapes, meta))
 
 
 if __name__ == "__main__":

@@ -288,18 +288,22 @@ def test_policy_tables():
 
 
 def test_reseeding_a_hit_lands_nearer_the_requests_own_image(engine, tmp_path):
-    """A repeat with a new seed: the stored state with its starting noise swapped for the request's own."""
+    """Repeats with new seeds: the stored state with its starting noise swapped for each request's own."""
     from fastgen.quality import psnr
 
-    exact = pixels(engine.run({"prompt": CAPTION, **SHAPES, "seed": 6}))
-    images = {}
+    seeds = (6, 7, 8, 9)
+    exact = {seed: pixels(engine.run({"prompt": CAPTION, **SHAPES, "seed": seed})) for seed in seeds}
+    fidelity = {}
     for policy in (NIRVANA, FASTGEN):
         run = cached_engine(engine, make_cache(tmp_path / policy.name, embedder="pipeline", policy=policy))
         run.run({"prompt": CAPTION, **SHAPES})  # stored from seed 5
-        hit = run.run({"prompt": CAPTION, **SHAPES, "seed": 6})
-        assert cache_report(hit)["k"] == 12
-        images[policy.name] = pixels(hit)
-    assert psnr(exact, images["fastgen"]) > psnr(exact, images["nirvana"]) + 3.0
+        scores = []
+        for seed in seeds:
+            hit = run.run({"prompt": CAPTION, **SHAPES, "seed": seed})
+            assert cache_report(hit)["k"] == 12
+            scores.append(psnr(exact[seed], pixels(hit)))
+        fidelity[policy.name] = float(np.mean(scores))
+    assert fidelity["fastgen"] > fidelity["nirvana"] + 1.0, fidelity
 
 
 @pytest.mark.parametrize("model", ["fastgen-shapes", "tiny-sd", "tiny-pixart", "tiny-wan"])
