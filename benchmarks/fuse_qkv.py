@@ -83,15 +83,16 @@ class ModelCase:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def sd15_unet() -> UNet2DConditionModel:
-    """The Stable Diffusion 1.5 UNet config (runwayml/stable-diffusion-v1-5, unet/config.json)."""
+def sd15_unet(width: float = 1.0) -> UNet2DConditionModel:
+    """The Stable Diffusion 1.5 UNet config (runwayml/stable-diffusion-v1-5, unet/config.json); ``width`` scales
+    every channel count (0.5: a reduced-width copy with the same structure)."""
     return UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(320, 640, 1280, 1280),
+        block_out_channels=tuple(int(c * width) for c in (320, 640, 1280, 1280)),
         layers_per_block=2,
         cross_attention_dim=768,
         attention_head_dim=8,
@@ -114,14 +115,15 @@ def clip_text_encoder(vocab_size: int, bos: int, eos: int, pad: int) -> CLIPText
     return CLIPTextModel(config).eval()
 
 
-def build_sd15(seed: int) -> StableDiffusionPipeline:
-    """Tiny SD's tokenizer, VAE and scheduler around the full SD-1.5 UNet and a 768-wide CLIP text encoder."""
+def build_sd15(seed: int, width: float = 1.0) -> StableDiffusionPipeline:
+    """Tiny SD's tokenizer, VAE and scheduler around the SD-1.5 UNet (at ``width``) and a 768-wide CLIP text
+    encoder."""
     tiny = build_tiny_sd(seed)
     tok = tiny.tokenizer
     with _seeded(seed + 10):
         text_encoder = clip_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     with _seeded(seed + 11):
-        unet = sd15_unet()
+        unet = sd15_unet(width)
     components = {**tiny.components, "unet": unet, "text_encoder": text_encoder}
     return StableDiffusionPipeline(**components, requires_safety_checker=False)
 

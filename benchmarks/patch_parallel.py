@@ -41,12 +41,11 @@ import diffusers
 import numpy as np
 import torch
 import torch.distributed as dist
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from fuse_qkv import clip_text_encoder
+from diffusers import StableDiffusionPipeline
+from fuse_qkv import build_sd15, denoiser_step_times
 
 from fastgen.engine import to_uint8
 from fastgen.harness import fidelity, heldout_captions
-from fastgen.models.builtin import _seeded, build_tiny_sd
 from fastgen.parallel.config import ParallelConfig
 from fastgen.parallel.denoiser import apply
 from fastgen.parallel.groups import ParallelGroups, run_ranks
@@ -62,63 +61,15 @@ SHAPES = REPO / "fastgen" / "models" / "weights" / "fastgen-shapes"
 SHAPES_GUIDANCE = 2.5
 
 
-def sd15_structure_unet(width: float) -> UNet2DConditionModel:
-    """SD-1.5's UNet config (runwayml/stable-diffusion-v1-5) with every channel count scaled by ``width``."""
-    channels = tuple(int(c * width) for c in (320, 640, 1280, 1280))
-    return UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=channels,
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    ).eval()
-
-
 def build(width: float, seed: int, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    tiny = build_tiny_sd(seed)
-    tok = tiny.tokenizer
-    with _seeded(seed + 10):
-        text_encoder = clip_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    with _seeded(seed + 11):
-        unet = sd15_structure_unet(width)
-    components = {**tiny.components, "unet": unet, "text_encoder": text_encoder}
-    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False).to(device, dtype)
+    pipe = build_sd15(seed, width).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-class CallTimer:
-    """Wall time of every UNet call (synchronised on CUDA), via forward hooks."""
-
-    def __init__(self, model: torch.nn.Module, device: str):
-        self.device, self.times, self.started = device, [], 0.0
-        self.hooks = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
-
-    def _sync(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def _pre(self, *_):
-        self._sync()
-        self.started = time.perf_counter()
-
-    def _post(self, *_):
-        self._sync()
-        self.times.append(time.perf_counter() - self.started)
-
-    def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-
-
 def timed_generate(pipe, args, size: int) -> tuple[np.ndarray, float, list[float]]:
-    timer = CallTimer(pipe.unet, args.device)
-    started = time.perf_counter()
-    try:
+    with denoiser_step_times(pipe.unet, torch.device(args.device)) as calls:
+        started = time.perf_counter()
         image = pipe(
             PROMPT,
             height=size,
@@ -128,9 +79,8 @@ def timed_generate(pipe, args, size: int) -> tuple[np.ndarray, float, list[float
             generator=torch.Generator().manual_seed(args.seed),
             output_type="np",
         ).images[0]
-    finally:
-        timer.remove()
-    return to_uint8(image), time.perf_counter() - started, timer.times
+        seconds = time.perf_counter() - started
+    return to_uint8(image), seconds, list(calls)
 
 
 def rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict:

@@ -22,6 +22,14 @@ import torch
 import torch.distributed as dist
 
 
+def all_gather_now(tensor: torch.Tensor, group, size: int) -> list[torch.Tensor]:
+    """A blocking all-gather outside the buffers: every rank's ``tensor``, in rank order."""
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor, group=group)
+    return parts
+
+
 class AllGather:
     """Slot shape (1, *part) out; (world, *part) in: every rank's part, in rank order."""
 

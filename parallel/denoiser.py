@@ -18,8 +18,9 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from fastgen.parallel.comm import all_gather_now
 from fastgen.parallel.groups import ParallelGroups
 from fastgen.parallel.patch import attention, conv, norm
 from fastgen.parallel.patch.context import PatchContext, Wrapped
@@ -123,8 +124,6 @@ def _split_forward(split: _Split, forward, sample: torch.Tensor, *args, return_d
     phase = "synchronous" if split.synchronous else "stale"
     split.bytes_by_phase[phase].append(split.bytes_received - before)
     if return_dict:
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
         return UNet2DConditionOutput(sample=out)
     return (out,)
 
@@ -156,8 +155,5 @@ def _batch_half(sample, args, kwargs, index: int):
 
 
 def _gather(tensor: torch.Tensor, group, size: int, split: _Split) -> list[torch.Tensor]:
-    tensor = tensor.contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor, group=group)
     split.output_bytes += (size - 1) * tensor.nbytes
-    return parts
+    return all_gather_now(tensor, group, size)

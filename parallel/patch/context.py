@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
-from fastgen.parallel.comm import AllGather, CommBuffer, NeighbourSwap
+from fastgen.parallel.comm import AllGather, CommBuffer, NeighbourSwap, all_gather_now
 from fastgen.parallel.config import ParallelConfig
 
 
@@ -24,7 +23,7 @@ class PatchContext:
     gather: CommBuffer  # every rank's slot: GroupNorm statistics, full K/V
     edges: CommBuffer  # neighbours only: conv halos, PCPP's partial K/V
     step: int = -1
-    direct_bytes: int = 0  # blocking exchanges outside the buffers (outputs, PCPP's warm-up K/V)
+    direct_bytes: int = 0  # blocking exchanges outside the buffers (PCPP's warm-up K/V)
 
     @classmethod
     def create(cls, config: ParallelConfig, group, index: int) -> PatchContext:
@@ -65,12 +64,9 @@ class PatchContext:
         self.edges.wait_all()
 
     def all_gather_now(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """A blocking all-gather outside the buffers; every rank's tensor in strip order."""
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor, group=self.group)
+        """A blocking all-gather outside the buffers; every strip's tensor in strip order."""
         self.direct_bytes += (self.size - 1) * tensor.nbytes
-        return parts
+        return all_gather_now(tensor, self.group, self.size)
 
     @property
     def bytes_received(self) -> int:
