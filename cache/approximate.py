@@ -73,7 +73,8 @@ def compatibility_key(spec_name: str, pipe, request: GenerationRequest) -> dict[
     """Everything besides the prompt that shapes the denoising trajectory: entries must agree on all of it."""
     scheduler = pipe.scheduler
     guidance = request.guidance or 0.0
-    accelerations = request.accelerate.model_dump(exclude={"cache"})
+    # How the work is spread over devices does not change what is drawn, so parallel options do not partition.
+    accelerations = request.accelerate.model_dump(exclude={"cache", "parallel"})
     return {
         "model": spec_name,
         "size": [request.width, request.height, request.num_frames],
@@ -255,7 +256,7 @@ class CacheRun:
     @cached_property
     def marks(self) -> tuple[int, ...]:
         """The steps whose states this run stores (computed once: it is asked after every denoising step)."""
-        if self.request is None or (self.hit and not self.cache.config.policy.store_on_hit):
+        if self.request is None or (self.hit and not self.cache.config.policy.stores_after_hit(self.hit.similarity)):
             return ()
         return tuple(k for k in self.cache.config.policy.marks(self.request.steps) if k > self.skipped)
 

@@ -27,7 +27,7 @@ class CachePolicy:
     # (minimum similarity, fraction of the steps skipped), most similar first.
     thresholds: tuple[tuple[float, float], ...] = ((0.95, 0.5), (0.9, 0.4), (0.85, 0.3), (0.75, 0.2), (0.65, 0.1))
     candidates: int = 1  # nearest entries considered per lookup
-    store_on_hit: bool = False  # a hit stores the states it computes after K
+    store_on_hit: float | None = None  # hits at least this similar store the states they compute after K (None: never)
     reseed: bool = False  # swap the stored state's starting noise for the request's own (resume.reseed)
 
     def __post_init__(self):
@@ -36,12 +36,17 @@ class CachePolicy:
             raise ValueError("thresholds: need at least one, ordered from the highest similarity down")
         if any(not 0.0 < f < 1.0 for _, f in self.thresholds):
             raise ValueError("thresholds: each skipped fraction must be between 0 and 1")
+        if self.store_on_hit is not None and not 0.0 <= self.store_on_hit <= 1.0:
+            raise ValueError(f"store_on_hit: a similarity between 0 and 1, or None, got {self.store_on_hit}")
         if self.candidates < 1:
             raise ValueError(f"candidates: must be at least 1, got {self.candidates}")
 
     @property
     def lowest_similarity(self) -> float:
         return self.thresholds[-1][0]
+
+    def stores_after_hit(self, similarity: float) -> bool:
+        return self.store_on_hit is not None and similarity >= self.store_on_hit
 
     def marks(self, steps: int) -> tuple[int, ...]:
         """The step counts after which states are stored, for a ``steps``-step request."""
@@ -56,5 +61,5 @@ class CachePolicy:
 
 
 NIRVANA = CachePolicy("nirvana")
-FASTGEN = CachePolicy("fastgen", candidates=8, store_on_hit=True, reseed=True)
+FASTGEN = CachePolicy("fastgen", candidates=8, store_on_hit=0.0, reseed=True)
 POLICIES = {policy.name: policy for policy in (NIRVANA, FASTGEN)}

@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="serve models' job queues on this host")
     worker.add_argument("--models", help="comma-separated models (default: FASTGEN_MODELS or the built-ins)")
     worker.add_argument("--concurrency", type=int, default=1, help="pool processes, each with its own models")
+    worker.add_argument(
+        "--devices",
+        type=int,
+        help="ranks that split each request (one GPU each; CPU processes without GPUs); default: FASTGEN_DEVICES",
+    )
     worker.set_defaults(command=run_worker)
 
     serve = commands.add_parser("serve", help="the API, the web page and workers in one command")
@@ -175,6 +180,15 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     from fastgen.workers.worker import run_worker as start
 
     models = _models(args.models) or settings.served_models(ModelRegistry(settings.model_dir).names())
+    devices = settings.devices if args.devices is None else args.devices
+    if devices < 1:
+        raise ValueError(f"--devices: must be at least 1, got {devices}")
+    if devices > 1:
+        from fastgen.workers.group import run_group_worker
+
+        if args.concurrency != 1:
+            raise ValueError("--concurrency: a multi-device worker (--devices above 1) runs one job at a time")
+        return run_group_worker(settings, models, devices)
     start(settings, models, concurrency=args.concurrency)
     return 0
 

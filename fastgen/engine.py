@@ -218,7 +218,7 @@ class Engine:
             cached = self.cache.begin(loaded.pipe, spec.name, request, seed, tenant) if self.cache else None
             if cached:
                 monitor.skipped, monitor.on_latents = cached.skipped, cached.on_step
-            attached = attach(loaded.pipe, request.accelerate, self.accelerators)
+            attached = attach(loaded.pipe, request, self.accelerators)
             try:
                 detach_resume, resume_kwargs = cached.resume() if cached else (lambda: None, {})
                 try:

@@ -74,16 +74,38 @@ class CacheOptions(Strict):
     )
 
 
+class ParallelOptions(Strict):
+    """How a multi-device worker spreads this request over its ranks (ignored by single-device workers)."""
+
+    mode: Literal["sync", "displaced", "pcpp", "naive"] | None = Field(
+        None,
+        description="Patch mode when the image is split into strips: sync (exact), displaced (DistriFusion), pcpp "
+        "(partially conditioned patches), naive (no exchange); null: the worker's default (FASTGEN_PARALLEL_MODE)",
+    )
+    cfg: bool | None = Field(
+        None,
+        description="Run the guidance branches on different ranks (exact); null: when guidance is on and the ranks "
+        "split in two",
+    )
+
+    @property
+    def asked(self) -> bool:
+        return self.mode is not None or self.cfg is not None
+
+
 class AccelerateOptions(Strict):
     """Which accelerations this request allows. Each is off unless asked for."""
 
     fuse_qkv: bool = Field(False, description="Fuse attention Q/K/V projections into one matmul")
     cache: CacheOptions = Field(default_factory=CacheOptions)
+    parallel: ParallelOptions = Field(default_factory=ParallelOptions)
 
     def requested(self) -> list[str]:
         """The accelerations this request explicitly turns on."""
-        return [name for name in type(self).model_fields if getattr(self, name) is True] + (
-            ["cache"] if self.cache.enabled else []
+        return (
+            [name for name in type(self).model_fields if getattr(self, name) is True]
+            + (["cache"] if self.cache.enabled else [])
+            + (["parallel"] if self.parallel.asked else [])
         )
 
 

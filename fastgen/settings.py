@@ -62,6 +62,8 @@ class Settings:
     cache_share_tenants: bool = False  # FASTGEN_CACHE_SHARE_TENANTS: let tenants reuse each other's states
     cache_index: str = "flat"  # FASTGEN_CACHE_INDEX: flat (exact) or hnsw (millions of entries)
     cache_url: str | None = None  # FASTGEN_CACHE_URL (fsspec URL) for state files; default <artifact_url>/_cache
+    devices: int = 1  # FASTGEN_DEVICES: devices (ranks) per worker; above 1 each request is split over them
+    parallel_mode: str = "displaced"  # FASTGEN_PARALLEL_MODE: the patch mode of requests that do not say
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -83,6 +85,12 @@ class Settings:
         if self.job_timeout_s <= 0:
             raise ValueError(f"FASTGEN_JOB_TIMEOUT_S must be positive, got {self.job_timeout_s}")
         self.tenants_by_key  # noqa: B018 -- a malformed key list fails at start-up, not on the first request
+        if self.devices < 1:
+            raise ValueError(f"FASTGEN_DEVICES must be at least 1, got {self.devices}")
+        if self.parallel_mode not in ("sync", "displaced", "pcpp", "naive"):
+            raise ValueError(
+                f"FASTGEN_PARALLEL_MODE must be sync, displaced, pcpp or naive, got {self.parallel_mode!r}"
+            )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"FASTGEN_DTYPE must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
 

@@ -9,7 +9,7 @@ from conftest import small
 
 from fastgen.accelerators import ACCELERATORS, Accelerator, attach
 from fastgen.accelerators.fuse_qkv import FuseQKVConfig, apply, denoiser
-from fastgen.request import AccelerateOptions
+from fastgen.request import GenerationRequest
 
 
 def pixels(generation) -> np.ndarray:
@@ -54,11 +54,11 @@ def refuse(pipe, config):
 
 def test_failed_attach_removes_what_was_attached(sd_pipe):
     names, _ = model_state(sd_pipe)
-    table = ACCELERATORS + (Accelerator("refuses", lambda options: object(), refuse),)
+    table = ACCELERATORS + (Accelerator("refuses", lambda request: object(), refuse),)
     with pytest.raises(RuntimeError, match="cannot attach"):
-        attach(sd_pipe, AccelerateOptions(fuse_qkv=True), table)
+        attach(sd_pipe, GenerationRequest(prompt="x", accelerate={"fuse_qkv": True}), table)
     assert model_state(sd_pipe)[0] == names
 
 
 def test_nothing_attached_when_nothing_asked(sd_pipe):
-    assert attach(sd_pipe, AccelerateOptions()).attached == []
+    assert attach(sd_pipe, GenerationRequest(prompt="x")).attached == []

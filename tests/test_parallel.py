@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import parallel_ranks
 import pytest
 
 from fastgen.engine import to_uint8
+from fastgen.errors import InvalidRequest
+from fastgen.parallel import layout
 from fastgen.parallel.config import ParallelConfig
-from fastgen.parallel.groups import run_ranks
+from fastgen.parallel.groups import ParallelGroups, run_ranks
+from fastgen.parallel.layout import RankLayouts
 from fastgen.quality import psnr
+from fastgen.request import GenerationRequest
 
 SHAPES_CALL = {
     "prompt": [
@@ -120,3 +126,52 @@ def test_cfg_and_patch_compose_on_four_ranks():
     assert image_psnr(ranks[0]["runs"]["pcpp"]["images"], ranks[0]["plain"]) >= APPROXIMATE_PSNR_DB
     for rank in ranks[1:]:
         np.testing.assert_array_equal(rank["runs"]["both"]["images"], ranks[0]["runs"]["both"]["images"])
+
+
+def layouts(world_size: int) -> RankLayouts:
+    """A rank's layouts without process groups: enough to test the choice."""
+    degrees = [(world_size // cfg, cfg) for cfg in (1, 2) if world_size % cfg == 0]
+    return RankLayouts(
+        world_size, {(p, c): ParallelGroups(ParallelConfig(patch=p, cfg=c), 0, None, None) for p, c in degrees}
+    )
+
+
+def wanted(height: int = 256, guidance: float = 5.0, **options) -> layout.ParallelRequest:
+    request = GenerationRequest(prompt="x", height=height, guidance=guidance, accelerate={"parallel": options})
+    return layout.from_request(request, default_mode="displaced")
+
+
+# tiny-sd's shape: an 8x VAE and a UNet that halves once, so two strips need heights in multiples of 32 pixels.
+PIPE = SimpleNamespace(vae_scale_factor=8, unet=SimpleNamespace(num_upsamplers=1))
+
+
+@pytest.mark.parametrize(
+    ("world_size", "options", "guidance", "degrees", "mode"),
+    [
+        (2, {}, 5.0, (1, 2), "displaced"),  # guidance on: the exact CFG split first
+        (2, {"cfg": False}, 5.0, (2, 1), "displaced"),
+        (2, {"cfg": False, "mode": "pcpp"}, 5.0, (2, 1), "pcpp"),
+        (2, {}, 1.0, (2, 1), "displaced"),  # guidance off: one branch, so patches only
+        (4, {}, 5.0, (2, 2), "displaced"),
+        (3, {}, 5.0, (3, 1), "displaced"),  # odd: no CFG split
+    ],
+)
+def test_a_multi_device_worker_chooses_the_layout(world_size, options, guidance, degrees, mode):
+    groups, reason = layouts(world_size).choose(wanted(guidance=guidance, height=384, **options), PIPE)
+    assert (groups.config.patch, groups.config.cfg) == degrees and groups.config.mode == mode and reason == ""
+
+
+def test_a_height_that_does_not_split_runs_whole_unless_parallelism_was_asked_for():
+    groups, reason = layouts(2).choose(wanted(height=72, guidance=1.0), PIPE)
+    assert groups is None and "9 latent rows" in reason and "multiple of 32 pixels" in reason
+    with pytest.raises(InvalidRequest, match="height: the height's 9 latent rows"):
+        layouts(2).choose(wanted(height=72, guidance=1.0, mode="sync"), PIPE)
+    handle = layouts(2).apply(PIPE, wanted(height=72, guidance=1.0))
+    assert handle.report()["replicated"] and handle.report()["reason"] == reason
+
+
+def test_asking_for_cfg_parallelism_without_guidance_names_the_field():
+    with pytest.raises(InvalidRequest, match=r"accelerate\.parallel\.cfg: needs guidance above 1"):
+        layouts(2).choose(wanted(guidance=1.0, cfg=True), PIPE)
+    with pytest.raises(InvalidRequest, match="an even number of devices"):
+        layouts(3).choose(wanted(cfg=True), PIPE)

@@ -13,11 +13,11 @@ from functools import cached_property
 
 import torch
 from celery import Celery, Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
 from fastgen.artifacts import ArtifactStore
 from fastgen.cache import open_cache
-from fastgen.engine import Engine, Progress
+from fastgen.engine import CancelFlag, Engine, Generation, Progress, StepCallback
 from fastgen.errors import Cancelled, FastgenError
 from fastgen.jobs import JobStore, open_job_store
 from fastgen.settings import Settings
@@ -31,6 +31,10 @@ CANCELLED = "CANCELLED"
 
 class JobFailed(Exception):
     """A job that cannot succeed; its message is what the caller reads."""
+
+
+class GroupBroken(Exception):
+    """A multi-device worker's collective failed (a rank died or hung): the job goes back to the queue."""
 
 
 class WorkerContext:
@@ -50,6 +54,9 @@ class WorkerContext:
     @cached_property
     def jobs(self) -> JobStore:
         return open_job_store(self.settings.broker_url, self.settings.data_dir)
+
+    def run(self, payload: dict, on_step: StepCallback, cancel: CancelFlag, result_id: str, tenant: str) -> Generation:
+        return self.engine.run(payload, on_step=on_step, cancel=cancel, result_id=result_id, tenant=tenant)
 
     def start_process(self, models: list[str], processes: int) -> None:
         """Share the CPU cores among the pool's processes and load the models before the first job."""
@@ -83,7 +90,7 @@ def run_job(task: Task, context: WorkerContext, payload: dict) -> dict:
     logger.info("job %s: attempt %d", job_id, attempt)
     record = context.jobs.get(job_id)
     try:
-        generation = context.engine.run(
+        generation = context.run(
             payload,
             on_step=progress_publisher(task, attempt),
             cancel=CancelRequested(context.jobs, job_id),
@@ -91,6 +98,9 @@ def run_job(task: Task, context: WorkerContext, payload: dict) -> dict:
             tenant=record.tenant if record else "public",  # a bare Celery submission has no record
         )
         result = context.artifacts.save(generation)
+    except GroupBroken as exc:
+        logger.error("job %s: the worker group broke (%s); handing the job back to the queue", job_id, exc)
+        raise Reject(str(exc), requeue=True) from None
     except Cancelled as exc:
         context.jobs.finished(job_id, "cancelled")
         task.update_state(state=CANCELLED, meta={"step": exc.step, "total": exc.total})

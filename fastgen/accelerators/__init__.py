@@ -5,8 +5,9 @@ restores the pipeline exactly, so after removal its output is bit-identical to a
 never had it. The engine composes the accelerators a request asks for inside try/finally.
 
 Accelerators are found by the request option that turns them on (``request.accelerate.<name>``),
-through the :data:`ACCELERATORS` table: adding one is a module with a config, ``from_options``
-and ``apply``, and a row here.
+through the :data:`ACCELERATORS` table: adding one is a module with a config, ``from_request``
+and ``apply``, and a row here. A worker may add rows of its own (a multi-device worker adds
+``parallel``, bound to its process groups).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from fastgen.accelerators import fuse_qkv
-from fastgen.request import AccelerateOptions, AccelerationReport
+from fastgen.request import AccelerationReport, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,11 @@ class Accelerator:
     """One technique: how a request turns it on, and how it attaches."""
 
     name: str
-    from_options: Callable[[AccelerateOptions], Any | None]  # the technique's frozen config, or None when off
+    from_request: Callable[[GenerationRequest], Any | None]  # the technique's frozen config, or None when off
     apply: Callable[[Any, Any], Handle]
 
 
-ACCELERATORS: tuple[Accelerator, ...] = (Accelerator("fuse_qkv", fuse_qkv.from_options, fuse_qkv.apply),)
+ACCELERATORS: tuple[Accelerator, ...] = (Accelerator("fuse_qkv", fuse_qkv.from_request, fuse_qkv.apply),)
 
 
 @dataclass
@@ -67,12 +68,12 @@ class AttachedAccelerators:
         ]
 
 
-def attach(pipe, options: AccelerateOptions, table: tuple[Accelerator, ...] = ACCELERATORS) -> AttachedAccelerators:
-    """Attach every accelerator ``options`` turns on; if one fails, those already attached come off again."""
+def attach(pipe, request: GenerationRequest, table: tuple[Accelerator, ...] = ACCELERATORS) -> AttachedAccelerators:
+    """Attach every accelerator ``request`` turns on; if one fails, those already attached come off again."""
     stack = AttachedAccelerators()
     try:
         for accelerator in table:
-            config = accelerator.from_options(options)
+            config = accelerator.from_request(request)
             if config is not None:
                 stack.attached.append((accelerator, config, accelerator.apply(pipe, config)))
     except BaseException:

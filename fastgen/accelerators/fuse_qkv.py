@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fastgen.request import AccelerateOptions
+from fastgen.request import GenerationRequest
 
 FUSED_LAYERS = ("to_qkv", "to_kv", "to_added_qkv", "to_added_kv")
 _MISSING = object()
@@ -27,8 +27,8 @@ class FuseQKVConfig:
     """No knobs: the technique is exact up to summation order."""
 
 
-def from_options(options: AccelerateOptions) -> FuseQKVConfig | None:
-    return FuseQKVConfig() if options.fuse_qkv else None
+def from_request(request: GenerationRequest) -> FuseQKVConfig | None:
+    return FuseQKVConfig() if request.accelerate.fuse_qkv else None
 
 
 def denoiser(pipe) -> torch.nn.Module:

@@ -51,7 +51,7 @@ class ModelSpec:
     num_frames: int | None = None
     fps: int | None = None
     frame_multiple: int = 1  # video VAEs compress time: frames must be frame_multiple * k + 1
-    accelerations: frozenset[str] = frozenset({"fuse_qkv", "cache"})
+    accelerations: frozenset[str] = frozenset({"fuse_qkv", "cache"})  # plus "parallel" for UNet models
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def capabilities(self) -> dict[str, Any]:
@@ -74,8 +74,13 @@ class ModelSpec:
             },
             "size_multiple": self.size_multiple,
             "frame_multiple": self.frame_multiple if self.kind == "video" else None,
-            "accelerations": sorted(self.accelerations),
+            "accelerations": sorted(self.supported_accelerations),
         }
+
+    @property
+    def supported_accelerations(self) -> frozenset[str]:
+        # Patch and CFG parallelism wrap a UNet; DiTs need sequence parallelism, which is not built yet.
+        return self.accelerations | ({"parallel"} if self.architecture == "unet" else frozenset())
 
     @property
     def default_format(self) -> str:
@@ -138,10 +143,10 @@ class ModelSpec:
             FieldError(
                 f"accelerate.{name}",
                 f"model {self.name!r} does not support {name}; it supports: "
-                f"{', '.join(sorted(self.accelerations)) or 'none'}",
+                f"{', '.join(sorted(self.supported_accelerations)) or 'none'}",
             )
             for name in r.accelerate.requested()
-            if name not in self.accelerations
+            if name not in self.supported_accelerations
         ]
 
     def _lora_errors(self, r: GenerationRequest) -> list[FieldError]:

@@ -1,0 +1,124 @@
+"""How a multi-device worker spreads each request over its ranks: the layout (cfg x patch) and the patch mode.
+
+A worker of N ranks builds, once at start, the process groups of every layout N allows (building groups is
+collective: every rank must do it in the same order, so it is not done per request). Per request it picks:
+
+- CFG parallelism (``cfg`` = 2) when guidance is on, N is even and the request does not say no: exact, and the
+  cheapest exchange (one gather of the prediction per step);
+- patch parallelism over the remaining ``N / cfg`` ranks, in the request's mode or the worker's default.
+
+A request whose height does not split into the strips it would need is refused with a message naming the height
+and the multiple that works when it asked for parallelism explicitly; otherwise every rank computes the whole
+image (``replicated``, reported with the reason), so a request that did not ask is never failed for it.
+
+The worker adds :func:`accelerator` to its engine's accelerator table; the engine attaches and removes it like any
+other technique. The patch methods are in :mod:`fastgen.parallel.denoiser` (DistriFusion, Li et al., CVPR 2024,
+arXiv:2402.19481; PCPP, Zhang et al., arXiv:2412.02962).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from fastgen.accelerators import Accelerator
+from fastgen.errors import InvalidRequest
+from fastgen.parallel import denoiser
+from fastgen.parallel.config import ParallelConfig, PatchMode
+from fastgen.parallel.groups import ParallelGroups
+from fastgen.request import GenerationRequest
+
+
+@dataclass(frozen=True)
+class ParallelRequest:
+    """What one request asks of the rank group: the accelerator's config."""
+
+    mode: PatchMode
+    cfg: bool | None  # None: the worker decides
+    guidance_on: bool
+    height: int
+    explicit: bool  # the request named a mode or cfg: refuse rather than fall back
+
+
+def from_request(request: GenerationRequest, default_mode: PatchMode) -> ParallelRequest:
+    options = request.accelerate.parallel
+    return ParallelRequest(
+        mode=options.mode or default_mode,
+        cfg=options.cfg,
+        guidance_on=(request.guidance or 0.0) > 1.0,
+        height=request.height,
+        explicit=options.asked,
+    )
+
+
+@dataclass(frozen=True)
+class RankLayouts:
+    """This rank's groups for every layout of the world: (patch, cfg) -> ParallelGroups."""
+
+    world_size: int
+    groups: dict[tuple[int, int], ParallelGroups]
+
+    @classmethod
+    def build(cls, world_size: int) -> RankLayouts:
+        """Collective: every rank calls it once, at start."""
+        layouts = {}
+        for cfg in (1, 2):
+            if world_size % cfg == 0:
+                config = ParallelConfig(patch=world_size // cfg, cfg=cfg)
+                layouts[(config.patch, cfg)] = ParallelGroups.build(config)
+        return cls(world_size, layouts)
+
+    def choose(self, want: ParallelRequest, pipe) -> tuple[ParallelGroups | None, str]:
+        """The groups to run this request with, or None and the reason every rank computes it whole."""
+        cfg = self._cfg(want)
+        patch = self.world_size // cfg
+        if patch > 1:
+            rows, multiple = want.height // pipe.vae_scale_factor, 2 ** denoiser.denoiser_of(pipe).num_upsamplers
+            if rows % (patch * multiple):
+                reason = (
+                    f"the height's {rows} latent rows do not split into {patch} strips of a multiple of {multiple}"
+                    f" rows; use a height that is a multiple of {patch * multiple * pipe.vae_scale_factor} pixels"
+                )
+                if want.explicit:
+                    raise InvalidRequest.one("height", reason)
+                return None, reason
+        config = ParallelConfig(patch=patch, cfg=cfg, mode=want.mode)
+        return dataclasses.replace(self.groups[(patch, cfg)], config=config), ""
+
+    def _cfg(self, want: ParallelRequest) -> int:
+        possible = want.guidance_on and self.world_size % 2 == 0
+        if want.cfg and not possible:
+            raise InvalidRequest.one(
+                "accelerate.parallel.cfg",
+                f"needs guidance above 1 and an even number of devices (this worker has {self.world_size})",
+            )
+        return 2 if possible and want.cfg is not False else 1
+
+    def apply(self, pipe, want: ParallelRequest):
+        groups, reason = self.choose(want, pipe)
+        if groups is None:
+            return Replicated(self.world_size, reason)
+        return denoiser.apply(pipe, groups)
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """Every rank computes the whole request (nothing attached); the report says why."""
+
+    world_size: int
+    reason: str
+
+    def remove(self) -> None:
+        pass
+
+    def report(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "patch": 1, "cfg": 1, "replicated": True, "reason": self.reason}
+
+
+def accelerator(layouts: RankLayouts, default_mode: PatchMode) -> Accelerator:
+    """The ``parallel`` row of a multi-device worker's accelerator table, bound to its groups."""
+    return Accelerator(
+        "parallel", partial(from_request, default_mode=default_mode), lambda pipe, want: layouts.apply(pipe, want)
+    )

@@ -1,0 +1,145 @@
+"""A multi-device worker (`fastgen worker --devices 2`: two gloo ranks on CPU) serving jobs over HTTP and Redis."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from services import Api, Process, service_env, wait_until, worker
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def job(**fields) -> dict:
+    request = {"prompt": "a lighthouse at dusk", "model": "tiny-sd", "width": 64, "height": 64, "steps": 6, "seed": 5}
+    return {**request, "guidance": 5.0, **fields}
+
+
+def long_job(**fields) -> dict:
+    return job(width=256, height=256, steps=100, accelerate={"parallel": {"cfg": False}}, **fields)
+
+
+def group_worker(env: dict, log) -> Process:
+    process = Process(["worker", "--models", "tiny-sd", "--devices", "2"], env, log)
+    wait_until(lambda: "ready." in process.log() or process.process.poll() is not None, 120, "the group to start")
+    assert process.process.poll() is None, process.log()
+    return process
+
+
+def rank_pid(process: Process, rank: int) -> int:
+    return int(re.search(rf"rank {rank} of 2 joined \(pid (\d+)\)", process.log()).group(1))
+
+
+@pytest.fixture(scope="module")
+def service(redis_url, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("group")
+    env = service_env(data_dir, broker_url=redis_url, job_timeout_s="60", cache_default="false")
+    group = group_worker(env, data_dir / "group.log")
+    api = Api(env, data_dir / "api.log")
+    yield SimpleNamespace(api=api, group=group, env=env, data_dir=data_dir, redis=redis.Redis.from_url(redis_url))
+    api.stop()
+    group.stop()
+
+
+@pytest.fixture()
+def client(service):
+    with service.api.client() as client:
+        yield client
+
+
+def pixels(client, job_id: str) -> np.ndarray:
+    data, _ = client.result_bytes(job_id)
+    return np.asarray(Image.open(io.BytesIO(data))).astype(int)
+
+
+def report(status: dict) -> dict:
+    return next(a for a in status["result"]["accelerations"] if a["name"] == "parallel")["details"]
+
+
+@pytest.mark.parametrize(
+    ("options", "degrees"),
+    [({}, {"patch": 1, "cfg": 2}), ({"cfg": False, "mode": "sync"}, {"patch": 2, "cfg": 1, "mode": "sync"})],
+)
+def test_a_two_rank_worker_serves_a_rest_job_with_the_single_device_image(service, client, engine, options, degrees):
+    request = job(accelerate={"parallel": options})
+    status = client.wait(client.submit(request)["id"], timeout_s=120)
+    assert status["status"] == "succeeded", status
+    assert report(status).items() >= {"world_size": 2, **degrees}.items()
+    single = np.asarray(engine.run(job()).images[0]).astype(int)
+    assert np.abs(pixels(client, status["id"]) - single).max() <= 1  # exact layouts: float rounding only
+
+
+def test_displaced_patches_through_the_service(service, client, engine):
+    status = client.wait(client.submit(job(steps=8, accelerate={"parallel": {"cfg": False}}))["id"], timeout_s=120)
+    assert status["status"] == "succeeded", status
+    details = report(status)
+    assert details["mode"] == "displaced"
+    assert set(details["bytes_received_per_call_by_phase"]) == {"synchronous", "stale"}
+
+
+def test_a_height_that_does_not_split(service, client):
+    asked = client.wait(client.submit(job(height=72, accelerate={"parallel": {"cfg": False}}))["id"], 120)
+    assert asked["status"] == "failed" and asked["error"].startswith("height: the height's 9 latent rows"), asked
+    unasked = client.wait(client.submit(job(height=72, guidance=1.0))["id"], 120)
+    assert unasked["status"] == "succeeded" and report(unasked)["replicated"], unasked
+    assert "multiple of 32 pixels" in report(unasked)["reason"]
+
+
+def test_cancel_stops_every_rank_and_the_group_keeps_serving(service, client):
+    running = client.submit(long_job())
+    wait_until(lambda: (client.status(running["id"]).get("progress") or {}).get("step", 0) >= 2, 120, "the job to run")
+    client.cancel(running["id"])
+    assert client.wait(running["id"], timeout_s=60)["status"] == "cancelled"
+    assert client.wait(client.submit(job())["id"], timeout_s=60)["status"] == "succeeded"
+
+
+def test_the_approximate_cache_through_the_group(service, client):
+    cached = {"parallel": {"cfg": False, "mode": "sync"}, "cache": {"enabled": True}}
+    first = client.wait(client.submit(job(prompt="a harbour", seed=1, accelerate=cached))["id"], timeout_s=120)
+    second = client.wait(client.submit(job(prompt="a harbour", seed=2, accelerate=cached))["id"], timeout_s=120)
+    assert first["status"] == second["status"] == "succeeded"
+    hit = next(a for a in second["result"]["accelerations"] if a["name"] == "cache")["details"]
+    assert hit["hit"] and hit["steps_saved"] > 0, hit
+
+
+def test_a_dead_rank_takes_the_group_down_and_its_job_is_redelivered(service, client):
+    log = service.data_dir / "doomed.log"
+    doomed = group_worker(service.env, log)
+    try:
+        service.group.stop()  # only the doomed group takes jobs now
+        running = client.submit(long_job())
+        wait_until(lambda: (client.status(running["id"]).get("progress") or {}).get("step", 0) >= 2, 120, "running")
+        os.kill(rank_pid(doomed, 1), signal.SIGKILL)
+        assert doomed.process.wait(timeout=60) != 0
+        assert "handing the job back to the queue" in doomed.log()
+        rescuer = worker(service.env, service.data_dir / "rescuer.log")
+        try:
+            status = client.wait(running["id"], timeout_s=120)
+        finally:
+            rescuer.stop()
+    finally:
+        doomed.stop()
+        service.group = group_worker(service.env, service.data_dir / "group.log")
+    assert status["status"] == "succeeded", status
+    assert service.redis.hget(f"fastgen:job:{running['id']}", "attempts") == b"2"
+
+
+def test_dit_models_are_refused_by_a_multi_device_worker(tmp_path):
+    env = service_env(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "fastgen", "worker", "--models", "tiny-pixart", "--devices", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "--devices 2: tiny-pixart cannot be split over devices" in run.stderr, run.stderr
