@@ -111,7 +111,7 @@ def _split_forward(split: _Split, forward, sample: torch.Tensor, *args, return_d
     before = split.bytes_received
     halves = groups.cfg_group is not None and sample.shape[0] % 2 == 0
     if halves:
-        sample, args, kwargs = _batch_half(sample, args, kwargs, groups.cfg_index)
+        sample, args, kwargs = batch_half(sample, args, kwargs, groups.cfg_index)
     if ctx is not None:
         sample = _strip(sample, ctx, split.multiple)
         ctx.begin_step()
@@ -140,7 +140,7 @@ def _strip(sample: torch.Tensor, ctx: PatchContext, multiple: int) -> torch.Tens
     return sample[:, :, ctx.index * per : (ctx.index + 1) * per]
 
 
-def _batch_half(sample, args, kwargs, index: int):
+def batch_half(sample, args, kwargs, index: int):
     """This rank's half of every tensor that carries the batch (sample, text embeddings, timesteps, extras)."""
     batch = sample.shape[0]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from fastgen.accelerators import Accelerator
 from fastgen.errors import InvalidRequest
-from fastgen.parallel import denoiser
+from fastgen.parallel import denoiser, sequence
 from fastgen.parallel.config import ParallelConfig, PatchMode
 from fastgen.parallel.groups import ParallelGroups
 from fastgen.request import GenerationRequest
@@ -39,6 +39,8 @@ class ParallelRequest:
     cfg: bool | None  # None: the worker decides
     guidance_on: bool
     height: int
+    width: int
+    num_frames: int | None
     explicit: bool  # the request named a mode or cfg: refuse rather than fall back
 
 
@@ -49,6 +51,8 @@ def from_request(request: GenerationRequest, default_mode: PatchMode) -> Paralle
         cfg=options.cfg,
         guidance_on=(request.guidance or 0.0) > 1.0,
         height=request.height,
+        width=request.width,
+        num_frames=request.num_frames,
         explicit=options.asked,
     )
 
@@ -72,35 +76,55 @@ class RankLayouts:
 
     def choose(self, want: ParallelRequest, pipe) -> tuple[ParallelGroups | None, str]:
         """The groups to run this request with, or None and the reason every rank computes it whole."""
-        cfg = self._cfg(want)
+        cfg = self._cfg(want, pipe)
         patch = self.world_size // cfg
-        if patch > 1:
-            rows, multiple = want.height // pipe.vae_scale_factor, 2 ** denoiser.denoiser_of(pipe).num_upsamplers
-            if rows % (patch * multiple):
-                reason = (
-                    f"the height's {rows} latent rows do not split into {patch} strips of a multiple of {multiple}"
-                    f" rows; use a height that is a multiple of {patch * multiple * pipe.vae_scale_factor} pixels"
-                )
-                if want.explicit:
-                    raise InvalidRequest.one("height", reason)
-                return None, reason
+        reason = _unsplittable(want, pipe, patch) if patch > 1 else ""
+        if reason:
+            if want.explicit:
+                raise InvalidRequest.one("height", reason)
+            return None, reason
         config = ParallelConfig(patch=patch, cfg=cfg, mode=want.mode)
         return dataclasses.replace(self.groups[(patch, cfg)], config=config), ""
 
-    def _cfg(self, want: ParallelRequest) -> int:
-        possible = want.guidance_on and self.world_size % 2 == 0
+    def _cfg(self, want: ParallelRequest, pipe) -> int:
+        batched = sequence.batches_guidance(pipe)
+        possible = want.guidance_on and self.world_size % 2 == 0 and batched
         if want.cfg and not possible:
-            raise InvalidRequest.one(
-                "accelerate.parallel.cfg",
-                f"needs guidance above 1 and an even number of devices (this worker has {self.world_size})",
-            )
+            why = f"needs guidance above 1 and an even number of devices (this worker has {self.world_size})"
+            if not batched:
+                why = f"{type(pipe).__name__} runs its guidance branches as separate model calls, which cannot split"
+            raise InvalidRequest.one("accelerate.parallel.cfg", why)
         return 2 if possible and want.cfg is not False else 1
 
     def apply(self, pipe, want: ParallelRequest):
         groups, reason = self.choose(want, pipe)
         if groups is None:
             return Replicated(self.world_size, reason)
-        return denoiser.apply(pipe, groups)
+        if is_unet(pipe):
+            return denoiser.apply(pipe, groups)
+        # A pipeline that calls the model once per guidance branch keeps stale state per branch.
+        branches = 2 if want.guidance_on and not sequence.batches_guidance(pipe) else 1
+        return sequence.apply(pipe, groups, branches)
+
+
+def is_unet(pipe) -> bool:
+    return getattr(pipe, "unet", None) is not None
+
+
+def _unsplittable(want: ParallelRequest, pipe, patch: int) -> str:
+    """Why this size cannot be split ``patch`` ways ("" when it can)."""
+    if is_unet(pipe):
+        rows, multiple = want.height // pipe.vae_scale_factor, 2 ** denoiser.denoiser_of(pipe).num_upsamplers
+        if rows % (patch * multiple) == 0:
+            return ""
+        return (
+            f"the height's {rows} latent rows do not split into {patch} strips of a multiple of {multiple}"
+            f" rows; use a height that is a multiple of {patch * multiple * pipe.vae_scale_factor} pixels"
+        )
+    tokens = sequence.token_count(pipe, want.height, want.width, want.num_frames)
+    if tokens % patch == 0:
+        return ""
+    return f"the request's {tokens} tokens do not split into {patch} equal chunks; use a size whose token count does"
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastgen.parallel import denoiser, sequence
 from fastgen.parallel.config import ParallelConfig
-from fastgen.parallel.denoiser import apply
 from fastgen.parallel.groups import ParallelGroups
 
 SHAPES = Path(__file__).resolve().parents[1] / "fastgen" / "models" / "weights" / "fastgen-shapes"
@@ -20,17 +20,26 @@ def load(model: str):
 
         pipe = DiffusionPipeline.from_pretrained(SHAPES)
     else:
-        from fastgen.models.builtin import build_tiny_sd
+        from fastgen.models.builtin import BUILDERS
 
-        pipe = build_tiny_sd(seed=0)
+        pipe = BUILDERS[model](seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def apply(pipe, groups: ParallelGroups, call: dict):
+    """What the worker's layout does once it has chosen the groups: UNets by strips, DiTs by token chunks."""
+    if getattr(pipe, "unet", None) is not None:
+        return denoiser.apply(pipe, groups)
+    separate = call.get("guidance_scale", 1.0) > 1.0 and not sequence.batches_guidance(pipe)
+    return sequence.apply(pipe, groups, branches=2 if separate else 1)
 
 
 def generate(pipe, call: dict) -> np.ndarray:
     generator = torch.Generator().manual_seed(call.get("seed", 0))
     fields = {k: v for k, v in call.items() if k != "seed"}
-    return pipe(**fields, generator=generator, output_type="np").images
+    out = pipe(**fields, generator=generator, output_type="np")
+    return out.frames if hasattr(out, "frames") else out.images
 
 
 def compare_modes(
@@ -44,7 +53,7 @@ def compare_modes(
     result = {"plain": generate(pipe, call), "runs": {}}
     for name, fields in configs.items():
         groups = ParallelGroups.build(ParallelConfig(**fields))
-        handle = apply(pipe, groups)
+        handle = apply(pipe, groups, call)
         try:
             images = generate(pipe, call | (calls or {}).get(name, {}))
         except ValueError as exc:

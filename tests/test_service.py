@@ -153,11 +153,6 @@ def test_worker_killed_mid_job_the_job_completes_exactly_once(service, client):
         (json.dumps(quick(colour="red")), "colour", "not a known field"),
         (json.dumps(quick(loras=[{"name": "../x"}])), "loras.0.name", "no paths"),
         (json.dumps(quick(accelerate={"parallel": {"mode": "fast"}})), "accelerate.parallel.mode", "'displaced'"),
-        (
-            json.dumps(quick(model="tiny-pixart", accelerate={"parallel": {"cfg": True}})),
-            "accelerate.parallel",
-            "does not support parallel",
-        ),
     ],
 )
 def test_invalid_input_is_422_naming_the_field(service, body, field, words):

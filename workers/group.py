@@ -107,8 +107,8 @@ def check_models(specs: list, devices: int) -> None:
     unsplittable = [spec.name for spec in specs if "parallel" not in spec.supported_accelerations]
     if devices > 1 and unsplittable:
         raise ValueError(
-            f"--devices {devices}: {', '.join(unsplittable)} cannot be split over devices (only UNet models can;"
-            " sequence parallelism for DiT models is not built yet); serve them from a single-device worker"
+            f"--devices {devices}: {', '.join(unsplittable)} cannot be split over devices (fastgen splits Stable"
+            " Diffusion, SDXL, PixArt and Wan pipelines); serve them from a single-device worker"
         )
 
 

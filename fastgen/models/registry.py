@@ -51,7 +51,7 @@ class ModelSpec:
     num_frames: int | None = None
     fps: int | None = None
     frame_multiple: int = 1  # video VAEs compress time: frames must be frame_multiple * k + 1
-    accelerations: frozenset[str] = frozenset({"fuse_qkv", "cache"})  # plus "parallel" for UNet models
+    accelerations: frozenset[str] = frozenset({"fuse_qkv", "cache"})  # plus "parallel" (see SPLITTABLE_PIPELINES)
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def capabilities(self) -> dict[str, Any]:
@@ -79,8 +79,7 @@ class ModelSpec:
 
     @property
     def supported_accelerations(self) -> frozenset[str]:
-        # Patch and CFG parallelism wrap a UNet; DiTs need sequence parallelism, which is not built yet.
-        return self.accelerations | ({"parallel"} if self.architecture == "unet" else frozenset())
+        return self.accelerations | ({"parallel"} if self.pipeline_class in SPLITTABLE_PIPELINES else frozenset())
 
     @property
     def default_format(self) -> str:
@@ -153,6 +152,18 @@ class ModelSpec:
         # Refused rather than ignored until the LoRA library exists: a request must get what it asked for.
         return [FieldError("loras", "LoRA adapters are not available on this service yet")] if r.loras else []
 
+
+# Pipelines whose denoiser fastgen.parallel splits (UNets by row strips, PixArt and Wan DiTs by token chunks).
+# Not Flux or SD3 (joint text-image attention) nor AnimateDiff (temporal attention), which it would split wrongly.
+SPLITTABLE_PIPELINES = frozenset(
+    (
+        "StableDiffusionPipeline",
+        "StableDiffusionXLPipeline",
+        "PixArtAlphaPipeline",
+        "PixArtSigmaPipeline",
+        "WanPipeline",
+    )
+)
 
 BUILTIN_SPECS: dict[str, ModelSpec] = {
     spec.name: spec

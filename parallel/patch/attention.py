@@ -36,44 +36,13 @@ class PatchSelfAttention:
             hidden_states = hidden_states.flatten(2).transpose(1, 2)
         query = attn.to_q(hidden_states)
         kv = torch.stack([attn.to_k(hidden_states), attn.to_v(hidden_states)])  # (2, B, tokens, inner)
-        key, value = self.context_kv(kv)
+        key, value = context_kv(self.ctx, self.key, kv)
         out = self.attend(attn, query, key, value)
         if len(shape) == 4:
             out = out.transpose(1, 2).reshape(shape)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
-
-    def context_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = self.ctx
-        if ctx.synchronous:
-            return self._synchronous(kv)
-        if ctx.mode == "pcpp":
-            above, below = ctx.edges.get(self.key)
-            first, last = ctx.index == 0, ctx.index == ctx.size - 1
-            full = torch.cat(([] if first else [above]) + [kv] + ([] if last else [below]), dim=2)
-            ctx.edges.put(self.key, self._edges(kv))
-        else:
-            stale = ctx.gather.get(self.key)
-            full = torch.cat([kv if r == ctx.index else stale[r] for r in range(ctx.size)], dim=2)
-            ctx.gather.put(self.key, kv[None])
-        return full[0], full[1]
-
-    def _synchronous(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = self.ctx
-        if ctx.mode == "pcpp":
-            # Exact warm-up from a plain gather; the neighbour swap only primes the stale edges for later steps.
-            parts = ctx.all_gather_now(kv)
-            ctx.edges.exchange_now(self.key, self._edges(kv))
-        else:
-            parts = list(ctx.gather.exchange_now(self.key, kv[None]).unbind(0))
-        full = torch.cat(parts, dim=2)
-        return full[0], full[1]
-
-    def _edges(self, kv: torch.Tensor) -> torch.Tensor:
-        """[head, tail]: the tokens nearest the strip above and the strip below."""
-        count = max(1, math.ceil(self.ctx.fraction * kv.shape[2]))
-        return torch.stack([kv[:, :, :count], kv[:, :, -count:]])
 
     @staticmethod
     def attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -87,6 +56,43 @@ class PatchSelfAttention:
         out = F.scaled_dot_product_attention(query, key, value)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def context_kv(ctx: PatchContext, key: str, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values over every strip for this strip's queries, from this strip's fresh ``kv`` (2, B, tokens, inner).
+
+    Synchronous steps gather every strip's fresh K/V (exact); stale ones use the other strips' from the previous
+    step (all of them, or for ``pcpp`` the neighbours' nearest edges) and send this strip's for the next step.
+    """
+    if ctx.synchronous:
+        return _synchronous_kv(ctx, key, kv)
+    if ctx.mode == "pcpp":
+        above, below = ctx.edges.get(key)
+        first, last = ctx.index == 0, ctx.index == ctx.size - 1
+        full = torch.cat(([] if first else [above]) + [kv] + ([] if last else [below]), dim=2)
+        ctx.edges.put(key, _edges(ctx, kv))
+    else:
+        stale = ctx.gather.get(key)
+        full = torch.cat([kv if r == ctx.index else stale[r] for r in range(ctx.size)], dim=2)
+        ctx.gather.put(key, kv[None])
+    return full[0], full[1]
+
+
+def _synchronous_kv(ctx: PatchContext, key: str, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if ctx.mode == "pcpp":
+        # Exact warm-up from a plain gather; the neighbour swap only primes the stale edges for later steps.
+        parts = ctx.all_gather_now(kv)
+        ctx.edges.exchange_now(key, _edges(ctx, kv))
+    else:
+        parts = list(ctx.gather.exchange_now(key, kv[None]).unbind(0))
+    full = torch.cat(parts, dim=2)
+    return full[0], full[1]
+
+
+def _edges(ctx: PatchContext, kv: torch.Tensor) -> torch.Tensor:
+    """[head, tail]: the tokens nearest the strip above and the strip below."""
+    count = max(1, math.ceil(ctx.fraction * kv.shape[2]))
+    return torch.stack([kv[:, :, :count], kv[:, :, -count:]])
 
 
 def self_attention_processors(ctx: PatchContext, model: torch.nn.Module) -> dict:
