@@ -28,8 +28,8 @@ def long_job(**fields) -> dict:
     return job(width=256, height=256, steps=100, accelerate={"parallel": {"cfg": False}}, **fields)
 
 
-def group_worker(env: dict, log) -> Process:
-    process = Process(["worker", "--models", "tiny-sd", "--devices", "2"], env, log)
+def group_worker(env: dict, log, models: str = "tiny-sd,tiny-pixart") -> Process:
+    process = Process(["worker", "--models", models, "--devices", "2"], env, log)
     wait_until(lambda: "ready." in process.log() or process.process.poll() is not None, 120, "the group to start")
     assert process.process.poll() is None, process.log()
     return process
@@ -78,6 +78,15 @@ def test_a_two_rank_worker_serves_a_rest_job_with_the_single_device_image(servic
     assert np.abs(pixels(client, status["id"]) - single).max() <= 1  # exact layouts: float rounding only
 
 
+def test_a_dit_split_by_tokens_through_the_service(service, client, engine):
+    request = job(model="tiny-pixart", accelerate={"parallel": {"cfg": False, "mode": "sync"}})
+    status = client.wait(client.submit(request)["id"], timeout_s=120)
+    assert status["status"] == "succeeded", status
+    assert report(status).items() >= {"patch": 2, "split": "tokens", "ulysses": True}.items()
+    single = np.asarray(engine.run({**request, "accelerate": {}}).images[0]).astype(int)
+    assert np.abs(pixels(client, status["id"]) - single).max() <= 1
+
+
 def test_displaced_patches_through_the_service(service, client, engine):
     status = client.wait(client.submit(job(steps=8, accelerate={"parallel": {"cfg": False}}))["id"], timeout_s=120)
     assert status["status"] == "succeeded", status
@@ -113,7 +122,7 @@ def test_the_approximate_cache_through_the_group(service, client):
 
 def test_a_dead_rank_takes_the_group_down_and_its_job_is_redelivered(service, client):
     log = service.data_dir / "doomed.log"
-    doomed = group_worker(service.env, log)
+    doomed = group_worker(service.env, log, models="tiny-sd")
     try:
         service.group.stop()  # only the doomed group takes jobs now
         running = client.submit(long_job())
@@ -133,13 +142,12 @@ def test_a_dead_rank_takes_the_group_down_and_its_job_is_redelivered(service, cl
     assert service.redis.hget(f"fastgen:job:{running['id']}", "attempts") == b"2"
 
 
-def test_dit_models_are_refused_by_a_multi_device_worker(tmp_path):
-    env = service_env(tmp_path)
+def test_a_multi_device_worker_runs_one_job_at_a_time(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "fastgen", "worker", "--models", "tiny-pixart", "--devices", "2"],
-        env=env,
+        [sys.executable, "-m", "fastgen", "worker", "--devices", "2", "--concurrency", "2"],
+        env=service_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert run.returncode == 2 and "--devices 2: tiny-pixart cannot be split over devices" in run.stderr, run.stderr
+    assert run.returncode == 2 and "--concurrency: a multi-device worker" in run.stderr, run.stderr
