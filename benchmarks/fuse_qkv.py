@@ -128,10 +128,11 @@ def build_sd15(seed: int, width: float = 1.0) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(**components, requires_safety_checker=False)
 
 
-def pixart_sigma_transformer() -> PixArtTransformer2DModel:
-    """The PixArt-Sigma XL-2 1024 config (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, transformer/config.json)."""
+def pixart_sigma_transformer(layers: int = 28) -> PixArtTransformer2DModel:
+    """The PixArt-Sigma XL-2 1024 config (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, transformer/config.json);
+    ``layers`` below 28 keeps every layer's shape and cuts their number (a shallower copy, so a CPU run finishes)."""
     return PixArtTransformer2DModel(
-        num_layers=28,
+        num_layers=layers,
         num_attention_heads=16,
         attention_head_dim=72,
         in_channels=4,
@@ -165,14 +166,14 @@ def t5_text_encoder(vocab_size: int, pad: int, eos: int) -> T5EncoderModel:
     return T5EncoderModel(config).eval()
 
 
-def build_pixart_sigma(seed: int) -> PixArtSigmaPipeline:
-    """Tiny PixArt's tokenizer, VAE and scheduler around the full PixArt-Sigma transformer and a 4096-wide T5."""
+def build_pixart_sigma(seed: int, layers: int = 28) -> PixArtSigmaPipeline:
+    """Tiny PixArt's tokenizer, VAE and scheduler around the PixArt-Sigma transformer and a 4096-wide T5."""
     tiny = build_tiny_pixart(seed)
     tok = tiny.tokenizer
     with _seeded(seed + 10):
         text_encoder = t5_text_encoder(len(tok), tok.pad_token_id, tok.eos_token_id)
     with _seeded(seed + 11):
-        transformer = pixart_sigma_transformer()
+        transformer = pixart_sigma_transformer(layers)
     return PixArtSigmaPipeline(**{**tiny.components, "transformer": transformer, "text_encoder": text_encoder})
 
 

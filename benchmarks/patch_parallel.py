@@ -1,13 +1,17 @@
-"""Benchmark of patch parallelism: 1 rank against 2 ranks on one image, speed and fidelity in one run.
+"""Benchmark of patch, sequence and CFG parallelism: 1 rank against 2 ranks on one image, speed and fidelity.
 
 Methods: DistriFusion's displaced patch parallelism (Li et al., CVPR 2024, arXiv:2402.19481) and partially
 conditioned patches (PCPP, Zhang et al., arXiv:2412.02962), with the exact synchronous split and the naive split
-(no exchange) as references; ``fastgen.parallel``.
+(no exchange) as references, and CFG parallelism (the two guidance branches on two ranks, exact); for DiTs the
+split is by token chunks and ``sync`` is Ulysses sequence parallelism (Jacobs et al., arXiv:2309.14509);
+``fastgen.parallel``.
 
 What is measured, per latent size:
-- a UNet with the Stable Diffusion 1.5 structure (blocks, layers, heads, cross-attention) at seeded random
-  weights; ``--width 1`` is the real SD-1.5 (860M), the default 0.5 halves every channel count (a reduced-width
-  copy with the same structure, so a CPU run finishes), with fastgen's tiny VAE and a 768-wide text encoder;
+- ``--model sd15`` (default): a UNet with the Stable Diffusion 1.5 structure (blocks, layers, heads,
+  cross-attention) at seeded random weights; ``--width 1`` is the real SD-1.5 (860M), the default 0.5 halves every
+  channel count (a reduced-width copy with the same structure, so a CPU run finishes), with fastgen's tiny VAE and
+  a 768-wide text encoder; ``--model pixart``: the PixArt-Sigma XL/2 transformer with ``--dit-layers`` of its 28
+  layers (every layer full size; default 4 on CPU), a 4096-wide T5 and the tiny VAE;
 - inside one 2-process gloo group, interleaved per repeat: the plain pipeline on rank 0 alone (1 rank x 1 thread;
   rank 1 waits), then each mode on both ranks (2 ranks x 1 thread each);
 - per-step time: the median UNet call after the warm-up steps (what DistriFusion's speedup is about), and
@@ -41,13 +45,15 @@ import diffusers
 import numpy as np
 import torch
 import torch.distributed as dist
-from diffusers import StableDiffusionPipeline
-from fuse_qkv import build_sd15, denoiser_step_times
+from diffusers import DiffusionPipeline
+from fuse_qkv import build_pixart_sigma, build_sd15, denoiser_step_times
 
+from fastgen.accelerators.fuse_qkv import denoiser
 from fastgen.engine import to_uint8
 from fastgen.harness import fidelity, heldout_captions
+from fastgen.parallel import denoiser as unet_split
+from fastgen.parallel import sequence
 from fastgen.parallel.config import ParallelConfig
-from fastgen.parallel.denoiser import apply
 from fastgen.parallel.groups import ParallelGroups, run_ranks
 from fastgen.quality import psnr, ssim
 
@@ -55,29 +61,51 @@ logger = logging.getLogger("benchmarks.patch_parallel")
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-MODES = ("naive", "sync", "displaced", "pcpp")
+# Every layout on 2 ranks: the image split two ways in each mode, or the guidance branches split (cfg).
+LAYOUTS = {
+    "naive": {"patch": 2, "mode": "naive"},
+    "sync": {"patch": 2, "mode": "sync"},
+    "displaced": {"patch": 2, "mode": "displaced"},
+    "pcpp": {"patch": 2, "mode": "pcpp"},
+    "cfg": {"cfg": 2},
+}
+MODES = tuple(LAYOUTS)
+GUIDANCE = {"sd15": 7.5, "pixart": 4.5}
 PROMPT = "a lighthouse on a cliff above a stormy sea at dusk, oil painting"
 SHAPES = REPO / "fastgen" / "models" / "weights" / "fastgen-shapes"
 SHAPES_GUIDANCE = 2.5
 
 
-def build(width: float, seed: int, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    pipe = build_sd15(seed, width).to(device, dtype)
+def build(args) -> DiffusionPipeline:
+    if args.model == "pixart":
+        pipe = build_pixart_sigma(args.seed, args.dit_layers)
+    else:
+        pipe = build_sd15(args.seed, args.width)
+    pipe = pipe.to(args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def apply(pipe, groups: ParallelGroups):
+    """UNets split by row strips, DiTs by token chunks (PixArt batches its guidance branches: one call per step)."""
+    if getattr(pipe, "unet", None) is not None:
+        return unet_split.apply(pipe, groups)
+    return sequence.apply(pipe, groups)
+
+
 def timed_generate(pipe, args, size: int) -> tuple[np.ndarray, float, list[float]]:
-    with denoiser_step_times(pipe.unet, torch.device(args.device)) as calls:
+    extra = {"use_resolution_binning": False, "clean_caption": False} if args.model == "pixart" else {}
+    with denoiser_step_times(denoiser(pipe), torch.device(args.device)) as calls:
         started = time.perf_counter()
         image = pipe(
             PROMPT,
             height=size,
             width=size,
             num_inference_steps=args.steps,
-            guidance_scale=7.5,
+            guidance_scale=GUIDANCE[args.model],
             generator=torch.Generator().manual_seed(args.seed),
             output_type="np",
+            **extra,
         ).images[0]
         seconds = time.perf_counter() - started
     return to_uint8(image), seconds, list(calls)
@@ -89,7 +117,7 @@ def rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         args.device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
-    pipe = build(args.width, args.seed, args.device, args.dtype)
+    pipe = build(args)
     groups = {mode: ParallelGroups.build(config(mode, args)) for mode in MODES}
     results = {}
     for size in args.sizes:
@@ -114,7 +142,7 @@ def rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict:
                     handle.remove()
                 rows[mode].append((image, seconds, calls, handle.report()))
                 logger.info("rank %d size %d repeat %d %s %.2fs", rank, size, repeat, mode, seconds)
-    shapes = shapes_fidelity(rank, groups) if args.shapes else None
+    shapes = shapes_fidelity(rank, groups) if args.shapes and args.model == "sd15" else None
     return {"sizes": summarise(results, args), "shapes": shapes} if rank == 0 else {}
 
 
@@ -138,8 +166,8 @@ def shapes_fidelity(rank: int, groups: dict) -> dict:
     return results
 
 
-def config(mode: str, args) -> ParallelConfig:
-    return ParallelConfig(patch=2, mode=mode, warmup_steps=args.warmup, pcpp_fraction=args.pcpp_fraction)
+def config(layout: str, args) -> ParallelConfig:
+    return ParallelConfig(**LAYOUTS[layout], warmup_steps=args.warmup, pcpp_fraction=args.pcpp_fraction)
 
 
 def summarise(results: dict, args) -> dict:
@@ -181,7 +209,9 @@ def _timing(runs: list, args) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256,512", help="comma-separated image sizes in pixels (latent = size/8)")
+    parser.add_argument("--model", choices=("sd15", "pixart"), default="sd15")
     parser.add_argument("--width", type=float, default=0.5, help="channel scale of the SD-1.5 structure (1: real)")
+    parser.add_argument("--dit-layers", type=int, default=4, help="layers of PixArt-Sigma's 28 (--model pixart)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="synchronous steps after the first")
     parser.add_argument("--pcpp-fraction", type=float, default=0.3)
@@ -201,8 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def markdown(summary: dict, shapes: dict | None, meta: dict) -> str:
     lines = [
-        f"Patch parallelism, {meta['ranks']} ranks x 1 thread against 1 rank x 1 thread ({meta['device']}); "
-        f"SD-1.5-structure UNet at width {meta['width']}, {meta['steps']} steps ({meta['warmup']} warm-up), "
+        f"Parallelism, {meta['ranks']} ranks x 1 thread against 1 rank x 1 thread ({meta['device']}); "
+        f"{meta['model_description']}, {meta['steps']} steps ({meta['warmup']} warm-up), "
         f"median of {meta['repeats']} interleaved repeats.",
     ]
     if summary:
@@ -252,7 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "ranks": 2,
         "device": args.device,
+        "model": args.model,
+        "model_description": (
+            f"PixArt-Sigma XL/2 transformer, {args.dit_layers} of 28 layers"
+            if args.model == "pixart"
+            else f"SD-1.5-structure UNet at width {args.width}"
+        ),
         "width": args.width,
+        "dit_layers": args.dit_layers if args.model == "pixart" else None,
         "steps": args.steps,
         "warmup": args.warmup,
         "repeats": args.repeats,
