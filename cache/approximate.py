@@ -88,6 +88,19 @@ def compatibility_key(spec_name: str, pipe, request: GenerationRequest) -> dict[
     }
 
 
+MAX_LINEAGE = 8  # a hit on an entry with this many ancestors stores nothing: long chains drift
+
+
+def inherits_fairly(policy: CachePolicy, entry: Entry, vector: np.ndarray, steps: int) -> bool:
+    """Whether a prompt may start from ``entry``'s states, given the earlier prompts whose steps they carry.
+
+    An entry stored by a hit carries the first K steps of another prompt (and that one's ancestors'); the new prompt
+    must be close enough to each of them to be allowed that many of their steps, or chains of small changes would
+    drift from one image to a quite different prompt's.
+    """
+    return all(policy.skip(float(np.dot(vector, embedding)), steps) >= k for embedding, k in entry.lineage)
+
+
 def digest(value: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
@@ -194,7 +207,7 @@ class ApproximateCache:
         floor = max(policy.lowest_similarity, request.accelerate.cache.min_similarity or 0.0)
         best: tuple[int, float, Entry] | None = None
         for entry, similarity in self.index.nearest(partition, vector, policy.candidates):
-            if similarity < floor:
+            if similarity < floor or not inherits_fairly(policy, entry, vector, steps):
                 continue
             allowed = policy.skip(similarity, steps)
             usable = [k for k in entry.marks if k <= allowed]
@@ -221,8 +234,17 @@ class ApproximateCache:
         """Write captured states as a new entry and evict down to the budget; return the new entry's id."""
         entry_id = self.store.new_id()
         marks = {state.step: self.files.write(entry_id, state) for state in states}
-        prompt_id = digest(request.prompt, 12)
-        entry = Entry(entry_id, lookup.partition, prompt_id, seed, request.steps, lookup.embedding, marks)
+        hit = lookup.hit
+        entry = Entry(
+            entry_id,
+            lookup.partition,
+            digest(request.prompt, 12),
+            seed,
+            request.steps,
+            lookup.embedding,
+            marks,
+            lineage=hit.entry.lineage + [(hit.entry.embedding, hit.skip)] if hit else [],
+        )
         self.store.add(entry)
         for evicted_id, k in self.store.evict(self.config.budget_bytes):
             self.files.delete(evicted_id, k)
@@ -256,9 +278,13 @@ class CacheRun:
     @cached_property
     def marks(self) -> tuple[int, ...]:
         """The steps whose states this run stores (computed once: it is asked after every denoising step)."""
-        if self.request is None or (self.hit and not self.cache.config.policy.stores_after_hit(self.hit.similarity)):
+        if self.request is None or (self.hit and not self._stores_after_hit()):
             return ()
         return tuple(k for k in self.cache.config.policy.marks(self.request.steps) if k > self.skipped)
+
+    def _stores_after_hit(self) -> bool:
+        hit = self.hit
+        return self.cache.config.policy.stores_after_hit(hit.similarity) and len(hit.entry.lineage) < MAX_LINEAGE
 
     def resume(self) -> tuple[Callable[[], None], dict[str, Any]]:
         """Attach the resume (on a hit); returns the function that detaches it and the call's extra kwargs."""

@@ -41,17 +41,25 @@ class Entry:
     embedding: np.ndarray = field(repr=False)
     marks: dict[int, int] = field(default_factory=dict)  # K -> bytes of its state
     created_at: float = field(default_factory=time.time)
+    # An entry stored by a hit: (embedding, K) of each earlier prompt whose first K steps its states carry.
+    lineage: list[tuple[np.ndarray, int]] = field(default_factory=list, repr=False)
 
     def to_json(self) -> str:
-        data = asdict(self) | {"embedding": self.embedding.astype(np.float32).tolist()}
-        return json.dumps(data | {"marks": {str(k): v for k, v in self.marks.items()}})
+        data = asdict(self) | {"embedding": _floats(self.embedding)}
+        lineage = [[_floats(embedding), k] for embedding, k in self.lineage]
+        return json.dumps(data | {"marks": {str(k): v for k, v in self.marks.items()}, "lineage": lineage})
 
     @staticmethod
     def from_json(text: str | bytes) -> Entry:
         data = json.loads(text)
         data["embedding"] = np.asarray(data["embedding"], dtype=np.float32)
         data["marks"] = {int(k): int(v) for k, v in data["marks"].items()}
+        data["lineage"] = [(np.asarray(e, dtype=np.float32), int(k)) for e, k in data.get("lineage", [])]
         return Entry(**data)
+
+
+def _floats(vector: np.ndarray) -> list[float]:
+    return vector.astype(np.float32).tolist()
 
 
 @dataclass(frozen=True)

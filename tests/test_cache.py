@@ -6,13 +6,14 @@ import json
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from conftest import small
 from services import service_env
 
-from fastgen.cache.approximate import ApproximateCache, CacheConfig
+from fastgen.cache.approximate import ApproximateCache, CacheConfig, inherits_fairly
 from fastgen.cache.index import VectorIndex
 from fastgen.cache.policy import FASTGEN, NIRVANA, CachePolicy
 from fastgen.cache.states import StateFiles
@@ -285,6 +286,35 @@ def test_policy_tables():
     assert NIRVANA.skip(0.95, 50) == 20  # thresholds are strict: "above 0.95"
     with pytest.raises(ValueError, match="thresholds"):
         CachePolicy("bad", thresholds=((0.5, 0.1), (0.9, 0.4)))
+
+
+def unit(*components: float) -> np.ndarray:
+    vector = np.asarray(components, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_an_entry_stored_by_a_hit_matches_only_prompts_close_to_every_prompt_whose_steps_it_carries():
+    ancestor = unit(1, 0, 0)
+    derived = Entry(7, "p", "id", 1, 25, unit(0.8, 0.6, 0), {12: 1}, lineage=[(ancestor, 10)])
+    assert inherits_fairly(FASTGEN, derived, unit(0.93, 0.37, 0), 25)  # 0.93 to the ancestor allows its 10 steps
+    assert not inherits_fairly(FASTGEN, derived, unit(0.8, 0.6, 0), 25)  # 0.8 allows 5: the chain has drifted
+    assert inherits_fairly(FASTGEN, replace(derived, lineage=[]), unit(0, 0, 1), 25)  # a miss's own entry
+    again = Entry.from_json(derived.to_json())
+    assert again.lineage[0][1] == 10 and np.allclose(again.lineage[0][0], ancestor)
+    old = json.loads(derived.to_json())
+    del old["lineage"]  # entries written before lineage existed
+    assert Entry.from_json(json.dumps(old)).lineage == []
+
+
+def test_a_hit_stores_its_later_states_with_the_lineage_of_what_it_started_from(engine, tmp_path):
+    # Marks at 5 and 12 of 25 steps; the near duplicate (similarity about 0.98) may skip 5, then stores step 12.
+    cache = make_cache(tmp_path, policy=replace(FASTGEN, thresholds=((0.999, 0.5), (0.5, 0.2))))
+    run = cached_engine(engine, cache)
+    run.run({"prompt": CAPTION, **SHAPES})
+    hit = cache_report(run.run({"prompt": NEAR_DUPLICATE, **SHAPES, "seed": 9}))
+    assert hit["k"] == 5 and hit["stored_steps"] == [12], hit
+    ((embedding, k),) = cache.store.entry(hit["stored_entry"]).lineage
+    assert k == 5 and embedding.shape == (384,)
 
 
 def test_reseeding_a_hit_lands_nearer_the_requests_own_image(engine, tmp_path):

@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 
 from fastgen.accelerators import ACCELERATORS
 from fastgen.cache import open_cache
+from fastgen.cache.approximate import CacheRun, Lookup
 from fastgen.engine import CancelFlag, Engine, Generation, StepCallback
 from fastgen.errors import FastgenError
 from fastgen.parallel import layout
@@ -89,9 +90,7 @@ class GroupCache:
     def __init__(self, cache, group: RankGroup):
         self.cache, self.group = cache, group
 
-    def begin(self, pipe, model: str, request, seed: int, tenant: str):
-        from fastgen.cache.approximate import CacheRun, Lookup
-
+    def begin(self, pipe, model: str, request, seed: int, tenant: str) -> CacheRun | None:
         if self.group.rank == 0:
             run = self.cache.begin(pipe, model, request, seed, tenant)
             self.group.share((run is not None, run.hit if run else None))
