@@ -10,7 +10,10 @@ fastgen's own policy keeps that table and changes how candidates are used:
   most skipped steps among the marks it still holds (eviction removes single marks, so the nearest
   entry may have lost the mark its similarity earns while a close runner-up still has it);
 - a hit stores the states it passes through after K, so the prompts people actually ask for become
-  entries themselves and later repeats match them more closely than the entry they started from;
+  entries themselves and later repeats match them more closely than the entry they started from. Such an
+  entry carries its lineage (the earlier prompts whose first steps its states hold, and how many), and a new
+  prompt may start from it only if it is close enough to each of them to be allowed that many of their steps
+  (``approximate.inherits_fairly``): without that rule, chains of small edits drift to another prompt's picture;
 - a hit swaps the stored state's starting noise for the request's own seed's (``resume.reseed``): the earlier
   run's content, this request's randomness, so repeats of a prompt with new seeds still vary and land nearer to
   what the request would have drawn uncached.

@@ -84,7 +84,7 @@ def test_models_lists_capabilities(settings):
     run = fastgen("models", "--json", data_dir=settings.data_dir)
     models = {m["name"]: m for m in json.loads(run.stdout)}
     assert models["tiny-wan"]["kind"] == "video" and models["tiny-pixart"]["architecture"] == "dit"
-    assert models["tiny-sd"]["accelerations"] == ["cache", "fuse_qkv"]
+    assert models["tiny-sd"]["accelerations"] == ["cache", "fuse_qkv", "parallel"]
 
 
 def test_schema_reflects_configured_limits(settings, monkeypatch):

@@ -45,9 +45,10 @@ def service(redis_url, tmp_path_factory):
     env = service_env(data_dir, broker_url=redis_url, job_timeout_s="60", cache_default="false")
     group = group_worker(env, data_dir / "group.log")
     api = Api(env, data_dir / "api.log")
-    yield SimpleNamespace(api=api, group=group, env=env, data_dir=data_dir, redis=redis.Redis.from_url(redis_url))
+    service = SimpleNamespace(api=api, group=group, env=env, data_dir=data_dir, redis=redis.Redis.from_url(redis_url))
+    yield service
     api.stop()
-    group.stop()
+    service.group.stop()  # the dead-rank test replaces the group
 
 
 @pytest.fixture()

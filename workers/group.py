@@ -206,8 +206,10 @@ def _join(rank: int, devices: int, port: int, settings: Settings) -> RankGroup:
 def _rank_settings(settings: Settings, rank: int, devices: int) -> Settings:
     if torch.cuda.is_available() and settings.device != "cpu":
         return dataclasses.replace(settings, device=f"cuda:{rank}")
-    if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
+    # The worker's thread budget (OMP_NUM_THREADS, which `fastgen serve` sets per worker, else every core) is shared
+    # by its ranks: more threads than cores make every rank spin and crawl.
+    budget = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    torch.set_num_threads(max(1, budget // devices))
     return dataclasses.replace(settings, device="cpu")
 
 
