@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes-limit", type=int, default=900, help="requests replayed of the shapes trace")
     parser.add_argument("--embedder", default="minilm")
     parser.add_argument("--thresholds", default="", help="also run fastgen's policy with this table (0.99:0.5,...)")
+    parser.add_argument(
+        "--every-hit", action="store_true", help="also run fastgen's policy with hit-stored entries serving any prompt"
+    )
     parser.add_argument("--budget-mb", type=float, default=1024.0, help="cache byte budget (LCBFU evicts beyond)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -102,11 +105,14 @@ def make_cache(policy: CachePolicy, embedder: str, budget_bytes: int, folder: Pa
 
 
 def policies(args) -> tuple[CachePolicy, ...]:
-    """The paper's, fastgen's, and with ``--thresholds`` fastgen's with that table."""
-    if not args.thresholds:
-        return NIRVANA, FASTGEN
-    table = Settings(cache_thresholds=args.thresholds).cache_threshold_table
-    return NIRVANA, FASTGEN, dataclasses.replace(FASTGEN, name="fastgen-custom", thresholds=table)
+    """The paper's, fastgen's, and the variants asked for."""
+    variants = []
+    if args.every_hit:
+        variants.append(dataclasses.replace(FASTGEN, name="fastgen-every-hit", repeats_only=0.0))
+    if args.thresholds:
+        table = Settings(cache_thresholds=args.thresholds).cache_threshold_table
+        variants.append(dataclasses.replace(FASTGEN, name="fastgen-custom", thresholds=table))
+    return NIRVANA, FASTGEN, *variants
 
 
 def replay(base: Engine, requests: list[dict[str, Any]], args, folder: Path) -> dict[str, list[dict[str, Any]]]:

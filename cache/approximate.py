@@ -209,6 +209,8 @@ class ApproximateCache:
         for entry, similarity in self.index.nearest(partition, vector, policy.candidates):
             if similarity < floor or not inherits_fairly(policy, entry, vector, steps):
                 continue
+            if entry.lineage and similarity < policy.repeats_only:
+                continue
             allowed = policy.skip(similarity, steps)
             usable = [k for k in entry.marks if k <= allowed]
             if usable and (best is None or (max(usable), similarity) > best[:2]):
