@@ -91,6 +91,13 @@ def compatibility_key(spec_name: str, pipe, request: GenerationRequest) -> dict[
 MAX_LINEAGE = 8  # a hit on an entry with this many ancestors stores nothing: long chains drift
 
 
+def may_start_from(policy: CachePolicy, entry: Entry, similarity: float, vector: np.ndarray, steps: int) -> bool:
+    """An entry a miss stored serves any similar prompt; one a hit stored, only repeats that inherit fairly."""
+    if not entry.lineage:
+        return True
+    return similarity >= policy.repeats_only and inherits_fairly(policy, entry, vector, steps)
+
+
 def inherits_fairly(policy: CachePolicy, entry: Entry, vector: np.ndarray, steps: int) -> bool:
     """Whether a prompt may start from ``entry``'s states, given the earlier prompts whose steps they carry.
 
@@ -207,9 +214,7 @@ class ApproximateCache:
         floor = max(policy.lowest_similarity, request.accelerate.cache.min_similarity or 0.0)
         best: tuple[int, float, Entry] | None = None
         for entry, similarity in self.index.nearest(partition, vector, policy.candidates):
-            if similarity < floor or not inherits_fairly(policy, entry, vector, steps):
-                continue
-            if entry.lineage and similarity < policy.repeats_only:
+            if similarity < floor or not may_start_from(policy, entry, similarity, vector, steps):
                 continue
             allowed = policy.skip(similarity, steps)
             usable = [k for k in entry.marks if k <= allowed]

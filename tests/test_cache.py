@@ -13,7 +13,7 @@ import pytest
 from conftest import small
 from services import service_env
 
-from fastgen.cache.approximate import ApproximateCache, CacheConfig, inherits_fairly
+from fastgen.cache.approximate import ApproximateCache, CacheConfig, inherits_fairly, may_start_from
 from fastgen.cache.index import VectorIndex
 from fastgen.cache.policy import FASTGEN, NIRVANA, CachePolicy
 from fastgen.cache.states import StateFiles
@@ -295,10 +295,15 @@ def unit(*components: float) -> np.ndarray:
 
 def test_an_entry_stored_by_a_hit_matches_only_prompts_close_to_every_prompt_whose_steps_it_carries():
     ancestor = unit(1, 0, 0)
-    derived = Entry(7, "p", "id", 1, 25, unit(0.8, 0.6, 0), {12: 1}, lineage=[(ancestor, 10)])
+    # Stored by a hit at K = 10 on the ancestor (similarity 0.95 allows 40% of 25 steps).
+    derived = Entry(7, "p", "id", 1, 25, unit(0.95, 0.31, 0), {12: 1}, lineage=[(ancestor, 10)])
     assert inherits_fairly(FASTGEN, derived, unit(0.93, 0.37, 0), 25)  # 0.93 to the ancestor allows its 10 steps
     assert not inherits_fairly(FASTGEN, derived, unit(0.8, 0.6, 0), 25)  # 0.8 allows 5: the chain has drifted
     assert inherits_fairly(FASTGEN, replace(derived, lineage=[]), unit(0, 0, 1), 25)  # a miss's own entry
+    near = unit(0.95, 0.31, 0.02)  # 0.9998 to the derived entry's prompt: a repeat; 0.97 would not be
+    assert may_start_from(FASTGEN, derived, float(near @ derived.embedding), near, 25)
+    assert not may_start_from(FASTGEN, derived, 0.97, near, 25)
+    assert may_start_from(replace(FASTGEN, repeats_only=0.0), derived, 0.97, near, 25)
     again = Entry.from_json(derived.to_json())
     assert again.lineage[0][1] == 10 and np.allclose(again.lineage[0][0], ancestor)
     old = json.loads(derived.to_json())
