@@ -118,7 +118,7 @@ def _split_forward(split: _Split, forward, sample: torch.Tensor, *args, return_d
     out = forward(sample, *args, return_dict=False, **kwargs)[0]
     if ctx is not None:
         ctx.end_step()
-        out = torch.cat(_gather(out, ctx.group, ctx.size, split), dim=2)
+        out = torch.cat(_gather(out, groups.output_group or ctx.group, ctx.size, split), dim=2)
     if halves:
         out = torch.cat(_gather(out, groups.cfg_group, 2, split), dim=0)
     phase = "synchronous" if split.synchronous else "stale"

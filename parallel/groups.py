@@ -29,6 +29,9 @@ class ParallelGroups:
     rank: int
     patch_group: Any  # ProcessGroup, or None when patch == 1
     cfg_group: Any  # ProcessGroup, or None when cfg == 1
+    # The same ranks as patch_group, for the blocking gather of the output strips: on a group of its own it does not
+    # queue behind the step's asynchronous exchanges, which are needed only one step later.
+    output_group: Any = None
 
     @property
     def patch_index(self) -> int:
@@ -45,7 +48,8 @@ class ParallelGroups:
         rank = dist.get_rank()
         patch_sets = [[c * config.patch + p for p in range(config.patch)] for c in range(config.cfg)]
         cfg_sets = [[c * config.patch + p for c in range(config.cfg)] for p in range(config.patch)]
-        return cls(config, rank, _own_group(patch_sets, rank), _own_group(cfg_sets, rank))
+        patch_group, cfg_group = _own_group(patch_sets, rank), _own_group(cfg_sets, rank)
+        return cls(config, rank, patch_group, cfg_group, _own_group(patch_sets, rank))
 
 
 def _own_group(rank_sets: list[list[int]], rank: int):

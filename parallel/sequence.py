@@ -163,7 +163,7 @@ def _chunk_rope(state: _Sequence, module, args, output):
 def _gather_tokens(state: _Sequence, module, args, output: torch.Tensor) -> torch.Tensor:
     ctx = state.active
     state.output_bytes += (ctx.size - 1) * output.nbytes
-    return torch.cat(all_gather_now(output.contiguous(), ctx.group, ctx.size), dim=1)
+    return torch.cat(all_gather_now(output.contiguous(), state.groups.output_group or ctx.group, ctx.size), dim=1)
 
 
 def _sequence_forward(state: _Sequence, forward, hidden_states: torch.Tensor, *args, return_dict: bool = True, **kw):
