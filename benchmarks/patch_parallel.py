@@ -51,10 +51,9 @@ from fuse_qkv import build_pixart_sigma, build_sd15, denoiser_step_times
 from fastgen.accelerators.fuse_qkv import denoiser
 from fastgen.engine import to_uint8
 from fastgen.harness import fidelity, heldout_captions
-from fastgen.parallel import denoiser as unet_split
-from fastgen.parallel import sequence
 from fastgen.parallel.config import ParallelConfig
 from fastgen.parallel.groups import ParallelGroups, run_ranks
+from fastgen.parallel.layout import split
 from fastgen.quality import psnr, ssim
 
 logger = logging.getLogger("benchmarks.patch_parallel")
@@ -87,10 +86,8 @@ def build(args) -> DiffusionPipeline:
 
 
 def apply(pipe, groups: ParallelGroups):
-    """UNets split by row strips, DiTs by token chunks (PixArt batches its guidance branches: one call per step)."""
-    if getattr(pipe, "unet", None) is not None:
-        return unet_split.apply(pipe, groups)
-    return sequence.apply(pipe, groups)
+    """UNets by row strips, DiTs by token chunks; guidance is always on here."""
+    return split(pipe, groups, guidance_on=True)
 
 
 def timed_generate(pipe, args, size: int) -> tuple[np.ndarray, float, list[float]]:

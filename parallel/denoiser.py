@@ -93,7 +93,7 @@ def apply(pipe, groups: ParallelGroups) -> ParallelHandle:
             handle.counts["conv"] = conv.wrap(ctx, model, handle.wrapped)
             handle.counts["group_norm"] = norm.wrap(ctx, model, handle.wrapped)
             handle.processors = dict(model.attn_processors)
-            wrapped_processors = attention.self_attention_processors(ctx, model)
+            wrapped_processors = attention.self_attention_processors(model, partial(attention.PatchSelfAttention, ctx))
             handle.counts["self_attention"] = sum(
                 isinstance(p, attention.PatchSelfAttention) for p in wrapped_processors.values()
             )

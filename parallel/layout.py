@@ -100,11 +100,16 @@ class RankLayouts:
         groups, reason = self.choose(want, pipe)
         if groups is None:
             return Replicated(self.world_size, reason)
-        if is_unet(pipe):
-            return denoiser.apply(pipe, groups)
-        # A pipeline that calls the model once per guidance branch keeps stale state per branch.
-        branches = 2 if want.guidance_on and not sequence.batches_guidance(pipe) else 1
-        return sequence.apply(pipe, groups, branches)
+        return split(pipe, groups, want.guidance_on)
+
+
+def split(pipe, groups: ParallelGroups, guidance_on: bool):
+    """Attach the split the groups describe: UNets by row strips, DiTs by token chunks; a removable handle."""
+    if is_unet(pipe):
+        return denoiser.apply(pipe, groups)
+    # A pipeline that calls the model once per guidance branch keeps stale state per branch.
+    branches = 2 if guidance_on and not sequence.batches_guidance(pipe) else 1
+    return sequence.apply(pipe, groups, branches)
 
 
 def is_unet(pipe) -> bool:
@@ -143,6 +148,4 @@ class Replicated:
 
 def accelerator(layouts: RankLayouts, default_mode: PatchMode) -> Accelerator:
     """The ``parallel`` row of a multi-device worker's accelerator table, bound to its groups."""
-    return Accelerator(
-        "parallel", partial(from_request, default_mode=default_mode), lambda pipe, want: layouts.apply(pipe, want)
-    )
+    return Accelerator("parallel", partial(from_request, default_mode=default_mode), layouts.apply)

@@ -35,7 +35,7 @@ from diffusers.models.transformers.transformer_wan import WanAttention
 from fastgen.parallel.comm import all_gather_now
 from fastgen.parallel.denoiser import batch_half
 from fastgen.parallel.groups import ParallelGroups
-from fastgen.parallel.patch.attention import context_kv
+from fastgen.parallel.patch.attention import context_kv, self_attention_processors
 from fastgen.parallel.patch.context import PatchContext, Wrapped
 
 # Pipelines that run the guidance branches as two model calls instead of one batch of two.
@@ -120,7 +120,7 @@ def apply(pipe, groups: ParallelGroups, branches: int = 1) -> SequenceHandle:
             _split_tokens(handle, model)
             if config.mode != "naive":
                 handle.processors = dict(model.attn_processors)
-                model.set_attn_processor(_processors(state, model))
+                model.set_attn_processor(self_attention_processors(model, partial(SequenceSelfAttention, state)))
         handle.wrapped.override(model, partial(_sequence_forward, state, model.forward))
     except BaseException:
         handle.remove()
@@ -185,14 +185,6 @@ def _sequence_forward(state: _Sequence, forward, hidden_states: torch.Tensor, *a
     phase = "synchronous" if ctx is None or ctx.synchronous else "stale"
     state.bytes_by_phase[phase].append(state.bytes_received - before)
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
-
-def _processors(state: _Sequence, model: torch.nn.Module) -> dict:
-    processors = {}
-    for name, processor in model.attn_processors.items():
-        module = model.get_submodule(name.removesuffix(".processor"))
-        processors[name] = processor if module.is_cross_attention else SequenceSelfAttention(state, name, processor)
-    return processors
 
 
 class SequenceSelfAttention:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgen.parallel import denoiser, sequence
 from fastgen.parallel.config import ParallelConfig
 from fastgen.parallel.groups import ParallelGroups
+from fastgen.parallel.layout import split
 
 SHAPES = Path(__file__).resolve().parents[1] / "fastgen" / "models" / "weights" / "fastgen-shapes"
 
@@ -25,14 +25,6 @@ def load(model: str):
         pipe = BUILDERS[model](seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def apply(pipe, groups: ParallelGroups, call: dict):
-    """What the worker's layout does once it has chosen the groups: UNets by strips, DiTs by token chunks."""
-    if getattr(pipe, "unet", None) is not None:
-        return denoiser.apply(pipe, groups)
-    separate = call.get("guidance_scale", 1.0) > 1.0 and not sequence.batches_guidance(pipe)
-    return sequence.apply(pipe, groups, branches=2 if separate else 1)
 
 
 def generate(pipe, call: dict) -> np.ndarray:
@@ -53,7 +45,7 @@ def compare_modes(
     result = {"plain": generate(pipe, call), "runs": {}}
     for name, fields in configs.items():
         groups = ParallelGroups.build(ParallelConfig(**fields))
-        handle = apply(pipe, groups, call)
+        handle = split(pipe, groups, guidance_on=call.get("guidance_scale", 1.0) > 1.0)
         try:
             images = generate(pipe, call | (calls or {}).get(name, {}))
         except ValueError as exc:

@@ -95,10 +95,11 @@ def _edges(ctx: PatchContext, kv: torch.Tensor) -> torch.Tensor:
     return torch.stack([kv[:, :, :count], kv[:, :, -count:]])
 
 
-def self_attention_processors(ctx: PatchContext, model: torch.nn.Module) -> dict:
-    """The model's processors with every self-attention one wrapped (cross-attention ones kept as they are)."""
+def self_attention_processors(model: torch.nn.Module, wrap) -> dict:
+    """The model's processors with every self-attention one replaced by ``wrap(name, original)``; cross-attention
+    ones kept as they are."""
     processors = {}
     for name, processor in model.attn_processors.items():
         module = model.get_submodule(name.removesuffix(".processor"))
-        processors[name] = processor if module.is_cross_attention else PatchSelfAttention(ctx, name, processor)
+        processors[name] = processor if module.is_cross_attention else wrap(name, processor)
     return processors
