@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from fastgen.errors import FieldError, InvalidRequest
+from fastgen.parallel.config import PatchMode
 from fastgen.settings import Limits
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
@@ -77,7 +78,7 @@ class CacheOptions(Strict):
 class ParallelOptions(Strict):
     """How a multi-device worker spreads this request over its ranks (ignored by single-device workers)."""
 
-    mode: Literal["sync", "displaced", "pcpp", "naive"] | None = Field(
+    mode: PatchMode | None = Field(
         None,
         description="Patch mode when the image is split into strips: sync (exact), displaced (DistriFusion), pcpp "
         "(partially conditioned patches), naive (no exchange); null: the worker's default (FASTGEN_PARALLEL_MODE)",

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fastgen.parallel.config import PATCH_MODES
+
 ENV_PREFIX = "FASTGEN_"
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -87,9 +89,9 @@ class Settings:
         self.tenants_by_key  # noqa: B018 -- a malformed key list fails at start-up, not on the first request
         if self.devices < 1:
             raise ValueError(f"FASTGEN_DEVICES must be at least 1, got {self.devices}")
-        if self.parallel_mode not in ("sync", "displaced", "pcpp", "naive"):
+        if self.parallel_mode not in PATCH_MODES:
             raise ValueError(
-                f"FASTGEN_PARALLEL_MODE must be sync, displaced, pcpp or naive, got {self.parallel_mode!r}"
+                f"FASTGEN_PARALLEL_MODE must be one of {', '.join(PATCH_MODES)}, got {self.parallel_mode!r}"
             )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"FASTGEN_DTYPE must be auto, float32, float16 or bfloat16, got {self.dtype!r}")

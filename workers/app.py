@@ -12,6 +12,7 @@ a slow job is never run twice; kombu sweeps for such jobs every second instead o
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 from celery import Celery
@@ -62,6 +63,19 @@ def create_celery(settings: Settings, models: list[str]) -> Celery:
         result_expires=7 * 24 * 3600,
     )
     return app
+
+
+def start_worker(app: Celery, models: list[str], pool: str, concurrency: int, name: str) -> None:
+    """Consume ``models``' queues until stopped (no gossip or mingle: workers share nothing but the broker)."""
+    app.Worker(
+        queues=[queue_name(m) for m in models],
+        concurrency=concurrency,
+        pool=pool,
+        loglevel="INFO",
+        hostname=f"{name}@{socket.gethostname()}",
+        without_gossip=True,
+        without_mingle=True,
+    ).start()
 
 
 def _transport(settings: Settings) -> dict:

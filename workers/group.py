@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,7 +40,7 @@ from fastgen.errors import FastgenError
 from fastgen.parallel import layout
 from fastgen.parallel.groups import free_port
 from fastgen.settings import Settings
-from fastgen.workers.app import create_celery, queue_name
+from fastgen.workers.app import create_celery, start_worker
 from fastgen.workers.tasks import GroupBroken, WorkerContext, register_tasks
 
 logger = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ class GroupCache:
 
 def check_models(specs: list, devices: int) -> None:
     unsplittable = [spec.name for spec in specs if "parallel" not in spec.supported_accelerations]
-    if devices > 1 and unsplittable:
+    if unsplittable:
         raise ValueError(
             f"--devices {devices}: {', '.join(unsplittable)} cannot be split over devices (fastgen splits Stable"
             " Diffusion, SDXL, PixArt and Wan pipelines); serve them from a single-device worker"
@@ -229,15 +228,7 @@ def _serve_queue(settings: Settings, models: list[str], engine: Engine, group: R
     app = create_celery(settings, models)
     context = GroupWorkerContext(settings, engine, group)
     register_tasks(app, context)
-    app.Worker(
-        queues=[queue_name(m) for m in models],
-        concurrency=1,
-        pool="solo",
-        loglevel="INFO",
-        hostname=f"fastgen-{group.size}x-{os.getpid()}@{socket.gethostname()}",
-        without_gossip=True,
-        without_mingle=True,
-    ).start()
+    start_worker(app, models, pool="solo", concurrency=1, name=f"fastgen-{group.size}x-{os.getpid()}")
 
 
 def _with_seed(payload: dict) -> dict:

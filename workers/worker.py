@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 from celery.signals import worker_process_init
 
 from fastgen.settings import Settings
-from fastgen.workers.app import create_celery, queue_name
+from fastgen.workers.app import create_celery, start_worker
 from fastgen.workers.tasks import WorkerContext, register_tasks
 
 logger = logging.getLogger(__name__)
@@ -23,12 +22,4 @@ def run_worker(settings: Settings, models: list[str], concurrency: int = 1, warm
     # Set up each pool process after the fork: CUDA and thread pools do not survive a fork.
     worker_process_init.connect(lambda **_: context.start_process(models if warm else [], concurrency), weak=False)
     logger.info("worker for %s on %s", ", ".join(models), settings.broker_url or "the embedded broker")
-    app.Worker(
-        queues=[queue_name(m) for m in models],
-        concurrency=concurrency,
-        pool="prefork",
-        loglevel="INFO",
-        hostname=f"fastgen-{os.getpid()}@{socket.gethostname()}",
-        without_gossip=True,
-        without_mingle=True,
-    ).start()
+    start_worker(app, models, pool="prefork", concurrency=concurrency, name=f"fastgen-{os.getpid()}")
