@@ -31,6 +31,8 @@ UPPER_LIMITS = {
     "num_frames": "max_frames",
 }
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SparseAttentionMode = Literal["off", "window", "video-heads"]
+SPARSE_ATTENTION_MODES: tuple[str, ...] = ("off", "window", "video-heads")
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -94,12 +96,39 @@ class ParallelOptions(Strict):
         return self.mode is not None or self.cfg is not None
 
 
+class SparseAttentionOptions(Strict):
+    """Sparse self-attention for DiTs (Re-ttention's statistical reshape; Sparse VideoGen's spatial/temporal heads).
+
+    Null fields take the model's defaults for the mode (``fastgen models`` lists them).
+    """
+
+    mode: SparseAttentionMode = Field(
+        "off",
+        description="off; window (a window of neighbouring tokens over the flattened image); video-heads (each head "
+        "attends within nearby frames or to the same place across frames, chosen per head; video models)",
+    )
+    density: float | None = Field(None, gt=0.0, le=1.0, description="Share of the image tokens each query attends to")
+    reshape: bool | None = Field(
+        None, description="Re-ttention: rescale sparse steps by the attention mass measured on full steps"
+    )
+    dense_steps: int | None = Field(
+        None, ge=1, description="Full-attention steps at the start (the last records the statistics)"
+    )
+    refresh_every: int | None = Field(None, ge=0, description="Steps between later full-attention steps (0: none)")
+    block_size: int | None = Field(None, ge=1, le=1024, description="Tokens per block of the block-sparse mask")
+
+    @property
+    def asked(self) -> bool:
+        return self.mode != "off"
+
+
 class AccelerateOptions(Strict):
     """Which accelerations this request allows. Each is off unless asked for."""
 
     fuse_qkv: bool = Field(False, description="Fuse attention Q/K/V projections into one matmul")
     cache: CacheOptions = Field(default_factory=CacheOptions)
     parallel: ParallelOptions = Field(default_factory=ParallelOptions)
+    sparse_attention: SparseAttentionOptions = Field(default_factory=SparseAttentionOptions)
 
     def requested(self) -> list[str]:
         """The accelerations this request explicitly turns on."""
@@ -107,6 +136,7 @@ class AccelerateOptions(Strict):
             [name for name in type(self).model_fields if getattr(self, name) is True]
             + (["cache"] if self.cache.enabled else [])
             + (["parallel"] if self.parallel.asked else [])
+            + (["sparse_attention"] if self.sparse_attention.asked else [])
         )
 
 

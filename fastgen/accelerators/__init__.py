@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from fastgen.accelerators import fuse_qkv
+from fastgen.accelerators import fuse_qkv, sparse_attention
 from fastgen.request import AccelerationReport, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,10 @@ class Accelerator:
     apply: Callable[[Any, Any], Handle]
 
 
-ACCELERATORS: tuple[Accelerator, ...] = (Accelerator("fuse_qkv", fuse_qkv.from_request, fuse_qkv.apply),)
+ACCELERATORS: tuple[Accelerator, ...] = (
+    Accelerator("fuse_qkv", fuse_qkv.from_request, fuse_qkv.apply),
+    Accelerator("sparse_attention", sparse_attention.from_request, sparse_attention.apply),
+)
 
 
 @dataclass

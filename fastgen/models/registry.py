@@ -18,18 +18,34 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from fastgen.errors import FieldError, InvalidRequest, ModelLoadError, UnknownModel
-from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, GenerationRequest
+from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, GenerationRequest, SparseAttentionOptions
 
 logger = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_VERSION = 1  # bump when a built-in model's config or seed changes, so stale copies are rebuilt
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # trained built-in models shipped with the package
+
+
+@dataclass(frozen=True)
+class SparseAttentionDefaults:
+    """One sparse-attention mode's defaults for a model (``accelerate.sparse_attention`` fields left null)."""
+
+    density: float
+    block_size: int = 128
+    dense_steps: int = 2
+    refresh_every: int = 10
+    reshape: bool = True
+
+    def fill(self, options: SparseAttentionOptions) -> SparseAttentionOptions:
+        """The request's options with every null field taken from these defaults."""
+        unset = {name: value for name, value in asdict(self).items() if getattr(options, name) is None}
+        return options.model_copy(update=unset)
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,8 @@ class ModelSpec:
     frame_multiple: int = 1  # video VAEs compress time: frames must be frame_multiple * k + 1
     accelerations: frozenset[str] = frozenset({"fuse_qkv", "cache"})  # plus "parallel" (see SPLITTABLE_PIPELINES)
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # Sparse attention modes and their defaults; None: those of the pipeline class (SPARSE_ATTENTION_PIPELINES).
+    sparse_attention: Mapping[str, SparseAttentionDefaults] | None = None
 
     def capabilities(self) -> dict[str, Any]:
         """JSON-ready description, for `fastgen models` and the REST model listing."""
@@ -75,11 +93,21 @@ class ModelSpec:
             "size_multiple": self.size_multiple,
             "frame_multiple": self.frame_multiple if self.kind == "video" else None,
             "accelerations": sorted(self.supported_accelerations),
+            "sparse_attention": {mode: asdict(d) for mode, d in self.sparse_attention_modes.items()},
         }
 
     @property
     def supported_accelerations(self) -> frozenset[str]:
-        return self.accelerations | ({"parallel"} if self.pipeline_class in SPLITTABLE_PIPELINES else frozenset())
+        splittable = {"parallel"} if self.pipeline_class in SPLITTABLE_PIPELINES else set()
+        sparse = {"sparse_attention"} if self.sparse_attention_modes else set()
+        return self.accelerations | splittable | sparse
+
+    @property
+    def sparse_attention_modes(self) -> Mapping[str, SparseAttentionDefaults]:
+        """The sparse attention modes this model accepts, with its defaults for each."""
+        if self.sparse_attention is not None:
+            return self.sparse_attention
+        return SPARSE_ATTENTION_PIPELINES.get(self.pipeline_class, {})
 
     @property
     def default_format(self) -> str:
@@ -99,15 +127,45 @@ class ModelSpec:
                 "output_format": request.output_format or self.default_format,
             }
         )
+        filled = self._fill_sparse_attention(filled)
         errors = [
             *self._size_errors(filled),
             *self._video_errors(request, filled),
             *self._acceleration_errors(filled),
+            *self._sparse_attention_errors(filled),
             *self._lora_errors(filled),
         ]
         if errors:
             raise InvalidRequest(errors)
         return filled
+
+    def _fill_sparse_attention(self, r: GenerationRequest) -> GenerationRequest:
+        options = r.accelerate.sparse_attention
+        defaults = self.sparse_attention_modes.get(options.mode)
+        if defaults is None:
+            return r
+        accelerate = r.accelerate.model_copy(update={"sparse_attention": defaults.fill(options)})
+        return r.model_copy(update={"accelerate": accelerate})
+
+    def _sparse_attention_errors(self, r: GenerationRequest) -> list[FieldError]:
+        options, modes = r.accelerate.sparse_attention, self.sparse_attention_modes
+        if not options.asked or not modes:  # not asked, or refused as an acceleration the model lacks
+            return []
+        if options.mode not in modes:
+            return [
+                FieldError(
+                    "accelerate.sparse_attention.mode",
+                    f"model {self.name!r} supports {', '.join(sorted(modes))}; got {options.mode!r}",
+                )
+            ]
+        if options.dense_steps >= r.steps:
+            return [
+                FieldError(
+                    "accelerate.sparse_attention.dense_steps",
+                    f"must be less than steps ({r.steps}) for any step to be sparse, got {options.dense_steps}",
+                )
+            ]
+        return []
 
     def _size_errors(self, r: GenerationRequest) -> list[FieldError]:
         return [
@@ -165,6 +223,20 @@ SPLITTABLE_PIPELINES = frozenset(
     )
 )
 
+# Pipelines whose DiT self-attention fastgen.accelerators.sparse_attention can make sparse, the modes each accepts
+# and their defaults. The window's 1/32 density is Re-ttention's 3.1% (evaluated there on PixArt); the others are
+# fastgen's starting points, not yet measured on real weights (docs/SPARSE_ATTENTION.md).
+_RETTENTION_WINDOW = SparseAttentionDefaults(density=0.03125)
+SPARSE_ATTENTION_PIPELINES: dict[str, Mapping[str, SparseAttentionDefaults]] = {
+    "PixArtAlphaPipeline": {"window": _RETTENTION_WINDOW},
+    "PixArtSigmaPipeline": {"window": _RETTENTION_WINDOW},
+    "FluxPipeline": {"window": SparseAttentionDefaults(density=0.0625)},
+    "WanPipeline": {"window": _RETTENTION_WINDOW, "video-heads": SparseAttentionDefaults(density=0.05)},
+}
+# The built-in models' token counts are a few hundred: smaller blocks, a wider share, and refreshes sized for
+# their 20 steps.
+_TINY_SPARSE = SparseAttentionDefaults(density=0.25, block_size=16, dense_steps=2, refresh_every=5)
+
 BUILTIN_SPECS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -208,6 +280,7 @@ BUILTIN_SPECS: dict[str, ModelSpec] = {
             guidance=4.5,
             size_multiple=16,
             call_kwargs={"use_resolution_binning": False, "clean_caption": False},
+            sparse_attention={"window": _TINY_SPARSE},
         ),
         ModelSpec(
             name="tiny-wan",
@@ -224,6 +297,7 @@ BUILTIN_SPECS: dict[str, ModelSpec] = {
             num_frames=17,
             fps=8,
             frame_multiple=4,
+            sparse_attention={"window": _TINY_SPARSE, "video-heads": _TINY_SPARSE},
         ),
     )
 }

@@ -1,0 +1,148 @@
+"""How each model family's self-attention turns its input into Q, K, V and the attention output back into its own.
+
+Each mirrors the diffusers processor it stands in for (diffusers 0.42: ``AttnProcessor2_0`` and
+``FusedAttnProcessor2_0`` for PixArt and UNets, ``WanAttnProcessor``, ``FluxAttnProcessor``), step for step, so only
+the attention in the middle changes. Q, K and V come out as (batch, heads, tokens, head_dim) in the model's token
+order; text tokens, where the model's self-attention has them (Flux), come first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections as flux_projections
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections as wan_projections
+
+
+class Projections(Protocol):
+    def applies(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> bool:
+        """Whether this call is one the sparse path handles (others go to the original processor)."""
+
+    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary) -> tuple[torch.Tensor, ...]: ...
+
+    def text_tokens(self, encoder_hidden_states: torch.Tensor | None, model_text: int) -> int:
+        """How many of the attention's tokens are text (first); ``model_text``: the model call's prompt length."""
+
+    def output(self, attn, out: torch.Tensor, hidden_states, encoder_hidden_states) -> Any: ...
+
+
+def _heads_first(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(batch, tokens, heads, head_dim) -> (batch, heads, tokens, head_dim)."""
+    return tuple(t.transpose(1, 2) for t in tensors)
+
+
+class StandardProjections:
+    """diffusers' ``Attention`` with ``AttnProcessor2_0`` (or the fused one): PixArt's and UNets' self-attention."""
+
+    def __init__(self, fused: bool):
+        self.fused = fused
+
+    def applies(self, attn, hidden_states, encoder_hidden_states) -> bool:
+        return encoder_hidden_states is None and attn.spatial_norm is None and hidden_states.ndim == 3
+
+    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary):
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if self.fused:
+            qkv = attn.to_qkv(hidden_states)
+            query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = _heads_first(*(t.unflatten(-1, (attn.heads, head_dim)) for t in (query, key, value)))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return query, key, value
+
+    def text_tokens(self, encoder_hidden_states, model_text: int) -> int:
+        return 0
+
+    def output(self, attn, out, hidden_states, encoder_hidden_states):
+        out = out.transpose(1, 2).flatten(2).to(out.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+class WanProjections:
+    """Wan's self-attention: Q/K RMS-normalised across heads, then rotary position embedding."""
+
+    def applies(self, attn, hidden_states, encoder_hidden_states) -> bool:
+        return encoder_hidden_states is None and attn.add_k_proj is None
+
+    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary):
+        query, key, value = wan_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary is not None:
+            query, key = _wan_rotary(query, *rotary), _wan_rotary(key, *rotary)
+        return _heads_first(query, key, value)
+
+    def text_tokens(self, encoder_hidden_states, model_text: int) -> int:
+        return 0
+
+    def output(self, attn, out, hidden_states, encoder_hidden_states):
+        out = out.transpose(1, 2).flatten(2)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved (even, odd) channel pairs, as WanAttnProcessor applies it."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out.type_as(x)
+
+
+class FluxProjections:
+    """Flux's joint attention: the prompt's tokens first, then the image's. Dual-stream blocks pass the prompt as
+    ``encoder_hidden_states``; single-stream blocks have it already at the front of ``hidden_states``."""
+
+    def applies(self, attn, hidden_states, encoder_hidden_states) -> bool:
+        return True
+
+    def qkv(self, attn, hidden_states, encoder_hidden_states, rotary):
+        query, key, value, text_query, text_key, text_value = flux_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            text_query, text_key, text_value = (
+                t.unflatten(-1, (-1, attn.head_dim)) for t in (text_query, text_key, text_value)
+            )
+            text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+            query = torch.cat([text_query, query], dim=1)
+            key = torch.cat([text_key, key], dim=1)
+            value = torch.cat([text_value, value], dim=1)
+        if rotary is not None:
+            query = apply_rotary_emb(query, rotary, sequence_dim=1)
+            key = apply_rotary_emb(key, rotary, sequence_dim=1)
+        return _heads_first(query, key, value)
+
+    def text_tokens(self, encoder_hidden_states, model_text: int) -> int:
+        return model_text if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+
+    def output(self, attn, out, hidden_states, encoder_hidden_states):
+        out = out.transpose(1, 2).flatten(2).to(out.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())
+
+
+# The default processors the sparse processor stands in for, by class name, and how it reads each one's inputs.
+PROJECTIONS: dict[str, Projections] = {
+    "AttnProcessor2_0": StandardProjections(fused=False),
+    "FusedAttnProcessor2_0": StandardProjections(fused=True),
+    "WanAttnProcessor": WanProjections(),
+    "FluxAttnProcessor": FluxProjections(),
+}
