@@ -292,9 +292,11 @@ def _gathered_rows(q, k, v, pattern: Pattern, key_blocks, counts, first: int, bl
 
 
 def _into(plan: HeadPlan, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in each head's computing order, contiguous: the compiled kernel is specialised to its inputs'
+    strides, so a caller's transposed view would otherwise compile it again."""
     orders = plan.orders
     if orders is None:
-        return tensors
+        return tuple(t.contiguous() for t in tensors)
     index = orders[0][None, :, :, None]
     return tuple(t.gather(2, index.expand(t.shape[0], t.shape[1], -1, t.shape[-1])) for t in tensors)
 
