@@ -108,7 +108,7 @@ def policies(args) -> tuple[CachePolicy, ...]:
     """The paper's, fastgen's, and the variants asked for."""
     variants = []
     if args.every_hit:
-        variants.append(dataclasses.replace(FASTGEN, name="fastgen-every-hit", repeats_only=0.0))
+        variants.append(dataclasses.replace(FASTGEN, name="fastgen-every-hit", repeats_only=False))
     if args.thresholds:
         table = Settings(cache_thresholds=args.thresholds).cache_threshold_table
         variants.append(dataclasses.replace(FASTGEN, name="fastgen-custom", thresholds=table))

@@ -63,6 +63,7 @@ class Lookup:
     """What a lookup found; ``hit`` is None on a miss, with the reason."""
 
     partition: str
+    prompt_id: str
     embedding: np.ndarray
     hit: Hit | None = None
     reason: str = ""
@@ -91,11 +92,18 @@ def compatibility_key(spec_name: str, pipe, request: GenerationRequest) -> dict[
 MAX_LINEAGE = 8  # a hit on an entry with this many ancestors stores nothing: long chains drift
 
 
-def may_start_from(policy: CachePolicy, entry: Entry, similarity: float, vector: np.ndarray, steps: int) -> bool:
-    """An entry a miss stored serves any similar prompt; one a hit stored, only repeats that inherit fairly."""
+def prompt_key(prompt: str) -> str:
+    """Names a prompt's text up to spacing: equal keys are repeats of one prompt, whatever an embedder thinks."""
+    return digest(" ".join(prompt.split()), 12)
+
+
+def may_start_from(policy: CachePolicy, entry: Entry, prompt_id: str, vector: np.ndarray, steps: int) -> bool:
+    """An entry a miss stored serves any similar prompt; one a hit stored, only repeats (or fair heirs)."""
     if not entry.lineage:
         return True
-    return similarity >= policy.repeats_only and inherits_fairly(policy, entry, vector, steps)
+    if policy.repeats_only:
+        return entry.prompt_id == prompt_id
+    return inherits_fairly(policy, entry, vector, steps)
 
 
 def inherits_fairly(policy: CachePolicy, entry: Entry, vector: np.ndarray, steps: int) -> bool:
@@ -113,12 +121,18 @@ def digest(value: Any, length: int = 16) -> str:
 
 
 class SharedIndex:
-    """This process's view of the shared entries: one vector index per partition, kept current from the log."""
+    """This process's view of the shared entries, kept current from the log.
 
-    def __init__(self, store: CacheStore, kind: IndexKind):
-        self.store, self.kind = store, kind
+    Per partition, a vector index of the entries similarity finds. With ``repeats_only``, entries stored by hits
+    serve only repeats of their prompt, so they are kept by prompt key instead: in the vector index they would crowd
+    the nearest candidates with entries the prompt may not start from (shapes captions a word apart are 0.99 alike).
+    """
+
+    def __init__(self, store: CacheStore, kind: IndexKind, repeats_only: bool = False):
+        self.store, self.kind, self.repeats_only = store, kind, repeats_only
         self.entries: dict[int, Entry] = {}
         self.partitions: dict[str, VectorIndex] = {}
+        self.repeats: dict[tuple[str, str], set[int]] = {}  # (partition, prompt key) -> entries found by key
         self.cursor: str | None = None
         self.lock = threading.Lock()
 
@@ -135,7 +149,7 @@ class SharedIndex:
 
     def _reload(self) -> None:
         entries, self.cursor = self.store.snapshot()
-        self.entries, self.partitions = {}, {}
+        self.entries, self.partitions, self.repeats = {}, {}, {}
         for entry in entries:
             self._add(entry)
 
@@ -148,21 +162,36 @@ class SharedIndex:
             entry = self.entries[event.entry_id]
             entry.marks.pop(event.k, None)
             if not entry.marks:
-                del self.entries[entry.id]
-                self.partitions[entry.partition].remove(entry.id)
+                self._remove(entry)
+
+    def _by_key(self, entry: Entry) -> bool:
+        return self.repeats_only and bool(entry.lineage)
 
     def _add(self, entry: Entry) -> None:
         self.entries[entry.id] = entry
-        index = self.partitions.get(entry.partition)
-        if index is None:
-            index = self.partitions[entry.partition] = VectorIndex(len(entry.embedding), self.kind)
-        index.add(entry.id, entry.embedding)
+        if self._by_key(entry):
+            self.repeats.setdefault((entry.partition, entry.prompt_id), set()).add(entry.id)
+        else:
+            index = self.partitions.get(entry.partition)
+            if index is None:
+                index = self.partitions[entry.partition] = VectorIndex(len(entry.embedding), self.kind)
+            index.add(entry.id, entry.embedding)
 
-    def nearest(self, partition: str, vector: np.ndarray, k: int) -> list[tuple[Entry, float]]:
+    def _remove(self, entry: Entry) -> None:
+        del self.entries[entry.id]
+        if self._by_key(entry):
+            self.repeats[entry.partition, entry.prompt_id].discard(entry.id)
+        else:
+            self.partitions[entry.partition].remove(entry.id)
+
+    def candidates(self, partition: str, prompt_id: str, vector: np.ndarray, k: int) -> list[tuple[Entry, float]]:
+        """The ``k`` nearest entries by similarity, and those kept for repeats of this very prompt."""
         with self.lock:
             index = self.partitions.get(partition)
-            found = index.search(vector, k) if index is not None else []
-            return [(self.entries[i], s) for i, s in found if i in self.entries]
+            found = dict(index.search(vector, k)) if index is not None else {}
+            for entry_id in self.repeats.get((partition, prompt_id), ()):
+                found.setdefault(entry_id, float(np.dot(vector, self.entries[entry_id].embedding)))
+            return [(self.entries[i], s) for i, s in found.items() if i in self.entries]
 
 
 class ApproximateCache:
@@ -170,7 +199,7 @@ class ApproximateCache:
 
     def __init__(self, config: CacheConfig, store: CacheStore, files: StateFiles):
         self.config, self.store, self.files = config, store, files
-        self.index = SharedIndex(store, config.index)
+        self.index = SharedIndex(store, config.index, config.policy.repeats_only)
         self._embedders: dict[str, Embedder] = {}
         self._embedder_lock = threading.Lock()
 
@@ -208,13 +237,13 @@ class ApproximateCache:
         owner = SHARED if self.config.share_across_tenants else f"tenant:{tenant}"
         partition = digest([owner, embedder.name, compatibility_key(model, pipe, request)])
         vector = embedder.embed(request.prompt)
-        lookup = Lookup(partition, vector)
+        lookup = Lookup(partition, prompt_key(request.prompt), vector)
         self.index.sync()
         policy, steps = self.config.policy, request.steps
         floor = max(policy.lowest_similarity, request.accelerate.cache.min_similarity or 0.0)
         best: tuple[int, float, Entry] | None = None
-        for entry, similarity in self.index.nearest(partition, vector, policy.candidates):
-            if similarity < floor or not may_start_from(policy, entry, similarity, vector, steps):
+        for entry, similarity in self.index.candidates(partition, lookup.prompt_id, vector, policy.candidates):
+            if similarity < floor or not may_start_from(policy, entry, lookup.prompt_id, vector, steps):
                 continue
             allowed = policy.skip(similarity, steps)
             usable = [k for k in entry.marks if k <= allowed]
@@ -245,7 +274,7 @@ class ApproximateCache:
         entry = Entry(
             entry_id,
             lookup.partition,
-            digest(request.prompt, 12),
+            lookup.prompt_id,
             seed,
             request.steps,
             lookup.embedding,
@@ -272,7 +301,7 @@ class CacheRun:
 
     @classmethod
     def unusable(cls, cache: ApproximateCache, model: str, reason: str) -> CacheRun:
-        return cls(cache, None, model, None, 0, Lookup("", np.zeros(0, np.float32), reason=reason))
+        return cls(cache, None, model, None, 0, Lookup("", "", np.zeros(0, np.float32), reason=reason))
 
     @property
     def hit(self) -> Hit | None:

@@ -9,15 +9,13 @@ fastgen's own policy keeps that table and changes how candidates are used:
 - it looks at the nearest several entries, not only the nearest one, and takes the one that allows the
   most skipped steps among the marks it still holds (eviction removes single marks, so the nearest
   entry may have lost the mark its similarity earns while a close runner-up still has it);
-- a hit stores the states it passes through after K, so the prompts people actually ask for become
-  entries themselves and later repeats match them more closely than the entry they started from. Such an
-  entry carries its lineage (the earlier prompts whose first steps its states hold, and how many), and a new
-  prompt may start from it only if it is close enough to each of them to be allowed that many of their steps
-  (``approximate.inherits_fairly``): without that rule, chains of small edits drift to another prompt's picture.
-  And such an entry serves only repeats (similarity at least ``repeats_only``, 0.99) of its own prompt: the
-  prompts people ask for again; neighbours start from an entry the prompt computed itself
-  (benchmarks/results/approximate_cache_policies.json: on the civitai trace 24.9% of the steps saved at 25.5 dB
-  instead of 27.3% at 24.5 dB, and on the shapes captions 6 points more adherence);
+- a hit stores the states it passes through after K, so the prompts people ask for again become entries
+  themselves. Such an entry serves only repeats of its own prompt (the same text up to spacing, recognised by
+  ``approximate.prompt_key``, not by similarity: all-MiniLM-L6-v2 rates "… at the bottom left …" and "… at the
+  bottom right …" 0.995 alike, so no similarity gate tells a repeat from a neighbour whose picture differs).
+  Neighbours start from entries a prompt computed itself. With ``repeats_only`` off (the benchmark's
+  ``--every-hit`` variant), a hit-stored entry serves any prompt close enough to each earlier prompt whose first
+  steps it carries (its lineage) to be allowed that many of their steps (``approximate.inherits_fairly``);
 - a hit swaps the stored state's starting noise for the request's own seed's (``resume.reseed``): the earlier
   run's content, this request's randomness, so repeats of a prompt with new seeds still vary and land nearer to
   what the request would have drawn uncached.
@@ -35,7 +33,7 @@ class CachePolicy:
     thresholds: tuple[tuple[float, float], ...] = ((0.95, 0.5), (0.9, 0.4), (0.85, 0.3), (0.75, 0.2), (0.65, 0.1))
     candidates: int = 1  # nearest entries considered per lookup
     store_on_hit: float | None = None  # hits at least this similar store the states they compute after K (None: never)
-    repeats_only: float = 0.0  # entries stored by hits serve only prompts at least this similar to theirs
+    repeats_only: bool = False  # entries stored by hits serve only repeats of their own prompt (same text)
     reseed: bool = False  # swap the stored state's starting noise for the request's own (resume.reseed)
 
     def __post_init__(self):
@@ -69,5 +67,5 @@ class CachePolicy:
 
 
 NIRVANA = CachePolicy("nirvana")
-FASTGEN = CachePolicy("fastgen", candidates=8, store_on_hit=0.0, repeats_only=0.99, reseed=True)
+FASTGEN = CachePolicy("fastgen", candidates=8, store_on_hit=0.0, repeats_only=True, reseed=True)
 POLICIES = {policy.name: policy for policy in (NIRVANA, FASTGEN)}

@@ -235,7 +235,7 @@ def test_eviction_in_one_worker_reaches_the_others_through_the_log(store, tmp_pa
     assert second.entries[entry_id].marks == {10: 10}
     store.evict(budget_bytes=0)
     second.sync()
-    assert entry_id not in second.entries and second.nearest("p", np.ones(4, np.float32) / 2, 3) == []
+    assert entry_id not in second.entries and second.candidates("p", "id", np.ones(4, np.float32) / 2, 3) == []
 
 
 def test_two_processes_share_entries_through_redis(engine, redis_url, tmp_path):
@@ -260,6 +260,26 @@ def test_two_processes_share_entries_through_redis(engine, redis_url, tmp_path):
     assert generate(CAPTION)["hit"] is False
     report = generate(NEAR_DUPLICATE)
     assert report["hit"] is True and report["k"] == FASTGEN.skip(report["similarity"], 25)
+
+
+def test_entries_stored_by_hits_are_found_by_their_prompt_and_never_crowd_out_the_nearest(tmp_path):
+    from fastgen.cache.approximate import SharedIndex
+
+    store = SqliteCacheStore(tmp_path / "cache.sqlite3")
+    query = unit(1, 0, 0)
+    source = store.new_id()
+    store.add(Entry(source, "p", "a", 0, 25, unit(0.9, 0.44, 0), {5: 1}))  # a miss's entry, 0.9 alike
+    derived = []
+    for i, prompt_id in enumerate(["b", "c", "q"]):  # stored by hits, nearer to the query than the source
+        derived.append(store.new_id())
+        store.add(Entry(derived[-1], "p", prompt_id, i, 25, unit(0.99, 0.1, i), {12: 1}, lineage=[(unit(0, 1, 0), 5)]))
+    index = SharedIndex(store, "flat", repeats_only=True)
+    index.sync()
+    found = {entry.id for entry, _ in index.candidates("p", "q", query, 1)}
+    assert found == {source, derived[2]}  # the nearest by similarity, and the one stored for this very prompt
+    every_hit = SharedIndex(store, "flat")
+    every_hit.sync()
+    assert [entry.id for entry, _ in every_hit.candidates("p", "q", query, 1)] == [derived[0]]
 
 
 def test_hnsw_finds_what_flat_finds_and_forgets_removed_entries():
@@ -293,17 +313,18 @@ def unit(*components: float) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def test_an_entry_stored_by_a_hit_matches_only_prompts_close_to_every_prompt_whose_steps_it_carries():
+def test_an_entry_stored_by_a_hit_serves_repeats_of_its_prompt_or_prompts_close_to_every_ancestor():
     ancestor = unit(1, 0, 0)
     # Stored by a hit at K = 10 on the ancestor (similarity 0.95 allows 40% of 25 steps).
     derived = Entry(7, "p", "id", 1, 25, unit(0.95, 0.31, 0), {12: 1}, lineage=[(ancestor, 10)])
     assert inherits_fairly(FASTGEN, derived, unit(0.93, 0.37, 0), 25)  # 0.93 to the ancestor allows its 10 steps
     assert not inherits_fairly(FASTGEN, derived, unit(0.8, 0.6, 0), 25)  # 0.8 allows 5: the chain has drifted
     assert inherits_fairly(FASTGEN, replace(derived, lineage=[]), unit(0, 0, 1), 25)  # a miss's own entry
-    near = unit(0.95, 0.31, 0.02)  # 0.9998 to the derived entry's prompt: a repeat; 0.97 would not be
-    assert may_start_from(FASTGEN, derived, float(near @ derived.embedding), near, 25)
-    assert not may_start_from(FASTGEN, derived, 0.97, near, 25)
-    assert may_start_from(replace(FASTGEN, repeats_only=0.0), derived, 0.97, near, 25)
+    assert not may_start_from(FASTGEN, derived, "other prompt", unit(0.95, 0.31, 0.02), 25)  # 0.9998 alike, not a repeat
+    assert may_start_from(FASTGEN, derived, "id", derived.embedding, 25)  # a repeat of the derived entry's own prompt
+    every_hit = replace(FASTGEN, repeats_only=False)  # then any prompt that inherits fairly
+    assert may_start_from(every_hit, derived, "other prompt", unit(0.93, 0.37, 0), 25)
+    assert not may_start_from(every_hit, derived, "other prompt", unit(0.8, 0.6, 0), 25)
     again = Entry.from_json(derived.to_json())
     assert again.lineage[0][1] == 10 and np.allclose(again.lineage[0][0], ancestor)
     old = json.loads(derived.to_json())
@@ -320,6 +341,19 @@ def test_a_hit_stores_its_later_states_with_the_lineage_of_what_it_started_from(
     assert hit["k"] == 5 and hit["stored_steps"] == [12], hit
     ((embedding, k),) = cache.store.entry(hit["stored_entry"]).lineage
     assert k == 5 and embedding.shape == (384,)
+
+
+def test_a_repeat_of_a_hit_starts_from_its_own_stored_states_and_a_neighbour_does_not(engine, tmp_path):
+    # Marks at 5 and 12 of 25: the near duplicate may skip 5 from the caption, then stores its own step 12.
+    cache = make_cache(tmp_path, policy=replace(FASTGEN, thresholds=((0.999, 0.5), (0.5, 0.2))))
+    run = cached_engine(engine, cache)
+    run.run({"prompt": CAPTION, **SHAPES})
+    stored = cache_report(run.run({"prompt": NEAR_DUPLICATE, **SHAPES, "seed": 9}))["stored_entry"]
+    repeat = cache_report(run.run({"prompt": "  " + NEAR_DUPLICATE.replace(" ", "  "), **SHAPES, "seed": 10}))
+    assert repeat["matched_entry"] == stored and repeat["k"] == 12, repeat
+    # MiniLM lower-cases, so this reads as identical (similarity 1.0), but it is other text: not a repeat.
+    neighbour = cache_report(run.run({"prompt": "A" + NEAR_DUPLICATE[1:], **SHAPES}))
+    assert neighbour["similarity"] < 0.999 and neighbour["matched_entry"] != stored and neighbour["k"] == 5, neighbour
 
 
 def test_reseeding_a_hit_lands_nearer_the_requests_own_image(engine, tmp_path):
