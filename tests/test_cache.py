@@ -320,7 +320,8 @@ def test_an_entry_stored_by_a_hit_serves_repeats_of_its_prompt_or_prompts_close_
     assert inherits_fairly(FASTGEN, derived, unit(0.93, 0.37, 0), 25)  # 0.93 to the ancestor allows its 10 steps
     assert not inherits_fairly(FASTGEN, derived, unit(0.8, 0.6, 0), 25)  # 0.8 allows 5: the chain has drifted
     assert inherits_fairly(FASTGEN, replace(derived, lineage=[]), unit(0, 0, 1), 25)  # a miss's own entry
-    assert not may_start_from(FASTGEN, derived, "other prompt", unit(0.95, 0.31, 0.02), 25)  # 0.9998 alike, not a repeat
+    near = unit(0.95, 0.31, 0.02)  # 0.9998 alike, but other text: not a repeat
+    assert not may_start_from(FASTGEN, derived, "other prompt", near, 25)
     assert may_start_from(FASTGEN, derived, "id", derived.embedding, 25)  # a repeat of the derived entry's own prompt
     every_hit = replace(FASTGEN, repeats_only=False)  # then any prompt that inherits fairly
     assert may_start_from(every_hit, derived, "other prompt", unit(0.93, 0.37, 0), 25)
