@@ -19,10 +19,15 @@ What is measured, side by side:
    Each run is the pipeline call up to the final latents (text encoding and every denoising step, guidance off:
    one model call per step), dense first, then each sparse variant with the same seed; the time of each denoiser
    call is recorded, so a projection for a 50-step schedule is derived from the per-kind step times too. The VAE
-   decode is left out of the timings (the tiny VAE is not the real one's cost) but every run's latents are decoded
-   for the fidelity figures.
+   decode is left out of the timings (the tiny VAE is not the real one's cost); for the fidelity figures every run's
+   first ``--decode-latent-frames`` latent frames are decoded (the VAE is causal in time, so these are exactly the
+   first frames of the whole video: 17 of 81 by default, a quarter of the decode's 60 s on 2 cores).
 3. Fidelity against the dense run: PSNR and SSIM of the decoded frames (``fastgen.quality``) and the relative L2
-   error of the final latents, for plain sparse and for Re-ttention's reshape at the same density.
+   error of the final latents, for plain sparse and for Re-ttention's reshape at the same density. The one-layer
+   video config says little here (its output barely depends on one attention layer), so the same comparison also
+   runs on fastgen's built-in tiny DiTs (PixArt-Sigma and Wan architectures, 2 layers, random weights) at their
+   default sizes with 20 steps and guidance on (Wan: one model call per guidance branch), 8-token blocks at the
+   same density.
 
 Random weights make the videos noise, but every layer's shape, and so the cost of every matmul, is the real one.
 
@@ -58,7 +63,8 @@ from fastgen.attention.kernels import FlexKernel, HeadPlan, ReferenceKernel, com
 from fastgen.attention.patterns import TokenLayout, video_head_candidates, window
 from fastgen.attention.reshape import record, reshape
 from fastgen.engine import resolve_device, resolve_dtype, to_uint8
-from fastgen.models.builtin import _seeded, build_tiny_wan
+from fastgen.models.builtin import _seeded, build_tiny_pixart, build_tiny_wan
+from fastgen.models.registry import BUILTIN_SPECS
 from fastgen.quality import psnr, ssim
 
 logger = logging.getLogger("benchmarks.sparse_attention")
@@ -99,10 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="denoising steps of each end-to-end run")
     parser.add_argument("--dense-steps", type=int, default=1, help="full-attention steps at the start")
     parser.add_argument("--refresh-every", type=int, default=0, help="steps between later full steps (0: none)")
+    parser.add_argument("--decode-latent-frames", type=int, default=5, help="latent frames decoded for PSNR")
     parser.add_argument("--runs", default="window-plain,window-reshape,video-heads-reshape", help=f"from {RUNS}")
     parser.add_argument("--project-steps", type=int, default=50, help="steps of the projected schedule")
     parser.add_argument("--skip-op", action="store_true", help="leave out the attention-op part")
     parser.add_argument("--skip-e2e", action="store_true", help="leave out the end-to-end part")
+    parser.add_argument("--skip-tiny", action="store_true", help="leave out the tiny models' fidelity part")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="cuda when available, else cpu")
@@ -284,7 +292,8 @@ def decode(pipe, latents: torch.Tensor) -> np.ndarray:
 def warm_up_kernels(layout: TokenLayout, args, device, dtype) -> dict[str, float]:
     """Compile FlexAttention for the shapes the runs will use (a window plan and a per-head plan), outside them."""
     heads, head_dim = WAN_1_3B["num_attention_heads"], WAN_1_3B["attention_head_dim"]
-    q = torch.randn(1, heads, layout.total, head_dim, device=device, dtype=dtype)
+    # Three distinct tensors: the compiled kernel is specialised to whether query and key are the same tensor.
+    q, k, v = (torch.randn(1, heads, layout.total, head_dim, device=device, dtype=dtype) for _ in range(3))
     kernel, seconds = FlexKernel(compiled=True), {}
     plans = {"window": HeadPlan((window(layout, args.density, args.block, device),), args.block)}
     if any(r.startswith("video-heads") for r in args.runs):
@@ -292,7 +301,7 @@ def warm_up_kernels(layout: TokenLayout, args, device, dtype) -> dict[str, float
         plans["video-heads"] = HeadPlan(candidates, args.block, torch.zeros(heads, dtype=torch.long, device=device))
     with torch.no_grad():  # as inside the pipeline: the compiled kernel is specialised to grad mode too
         for name, plan in plans.items():
-            seconds[name], _ = timed(lambda plan=plan: kernel.sparse(q, q, q, plan), device)
+            seconds[name], _ = timed(lambda plan=plan: kernel.sparse(q, k, v, plan), device)
     return seconds
 
 
@@ -311,7 +320,7 @@ def bench_e2e(args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         logger.info("end to end: %s", name)
         runs[name] = generate(pipe, run_config(name, args), args, device)
         logger.info("%s: %.1fs, steps %s", name, runs[name]["seconds"], [round(s, 1) for s in runs[name]["step_s"]])
-    dense_frames = decode(pipe, runs["dense"]["latents"])
+    dense_frames = decode(pipe, runs["dense"]["latents"][:, :, : args.decode_latent_frames])
     results = {name: _summary(run, runs["dense"], dense_frames, pipe, args) for name, run in runs.items()}
     return {
         "config": "Wan 2.1 T2V 1.3B transformer (12 heads x 128, FFN 8960), random weights",
@@ -325,6 +334,7 @@ def bench_e2e(args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "steps": args.steps,
         "schedule": {"dense_steps": args.dense_steps, "refresh_every": args.refresh_every},
         "guidance": "off (one model call per step)",
+        "decoded_latent_frames": args.decode_latent_frames,
         "build_s": build_s,
         "flex_compile_s": compile_s,
         "runs": results,
@@ -337,7 +347,8 @@ def _summary(run, dense_run, dense_frames, pipe, args) -> dict[str, Any]:
     for kind, seconds in zip(run["kinds"], run["step_s"], strict=True):
         by_kind.setdefault(kind, []).append(seconds)
     dense_step = statistics.median(dense_run["step_s"])
-    frames = dense_frames if run is dense_run else decode(pipe, run["latents"])
+    first = args.decode_latent_frames
+    frames = dense_frames if run is dense_run else decode(pipe, run["latents"][:, :, :first])
     latents, reference = run["latents"].float(), dense_run["latents"].float()
     summary = {
         "seconds": run["seconds"],
@@ -365,6 +376,62 @@ def _projection(step_s: dict[str, float], dense_step: float, steps: int) -> dict
     return {"steps": steps, "dense_steps": 2, "refresh_every": 10, "speedup": steps * dense_step / total}
 
 
+# --- 3b. fidelity on the built-in tiny DiTs ---
+
+TINY_STEPS = 20
+TINY = {"tiny-pixart": (build_tiny_pixart, ("window",)), "tiny-wan": (build_tiny_wan, ("window", "video-heads"))}
+
+
+def bench_tiny_fidelity(args, device: torch.device) -> list[dict[str, Any]]:
+    """Plain sparse against Re-ttention's reshape on the built-in tiny DiTs, each against its own dense output."""
+    rows = []
+    for name, (build, modes) in TINY.items():
+        spec = BUILTIN_SPECS[name]
+        pipe = build(args.seed).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        dense, _ = _tiny_frames(pipe, spec, None, args.seed)
+        for mode in modes:
+            row = {"model": name, "mode": mode, "width": spec.width, "height": spec.height, "steps": TINY_STEPS}
+            for variant in ("plain", "reshape"):
+                config = _tiny_config(mode, variant == "reshape", args.density)
+                frames, report = _tiny_frames(pipe, spec, config, args.seed)
+                row[variant] = {"psnr_db": psnr(dense, frames), "ssim": ssim(dense, frames), "report": report}
+            row["density"] = row["reshape"]["report"]["density_achieved"]
+            rows.append(row)
+            plain, reshaped = row["plain"]["psnr_db"], row["reshape"]["psnr_db"]
+            logger.info("tiny fidelity %s %s: plain %.2f dB, reshape %.2f dB", name, mode, plain, reshaped)
+    return rows
+
+
+def _tiny_config(mode: str, reshape_on: bool, density: float) -> sa.SparseAttentionConfig:
+    # The tiny models' own schedule (2 dense steps, a refresh every 5) with blocks small enough for their tokens.
+    return sa.SparseAttentionConfig(
+        mode=mode, density=density, block_size=8, dense_steps=2, refresh_every=5, reshape=reshape_on
+    )
+
+
+def _tiny_frames(pipe, spec, config, seed: int) -> tuple[np.ndarray, dict]:
+    handle = sa.apply(pipe, config) if config is not None else None
+    try:
+        output = pipe(
+            prompt=PROMPT,
+            width=spec.width,
+            height=spec.height,
+            num_inference_steps=TINY_STEPS,
+            guidance_scale=spec.guidance,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+            **({"num_frames": spec.num_frames} if spec.kind == "video" else {}),
+            **spec.call_kwargs,
+        )
+        report = handle.report() if handle is not None else {}
+    finally:
+        if handle is not None:
+            handle.remove()
+    images = output.frames[0] if spec.kind == "video" else output.images
+    return to_uint8(np.asarray(images)), report
+
+
 # --- output ---
 
 
@@ -374,6 +441,8 @@ def markdown(results: dict[str, Any]) -> str:
         parts.append(_op_table(results["op"], results["settings"]))
     if results.get("e2e"):
         parts.append(_e2e_table(results["e2e"]))
+    if results.get("tiny"):
+        parts.append(_tiny_table(results["tiny"]))
     machine = results["machine"]
     parts.append(
         f"{machine['device']} ({machine['device_name']}, {machine['cpu_count']} CPUs), {machine['torch_threads']} "
@@ -405,7 +474,8 @@ def _e2e_table(e2e: dict[str, Any]) -> str:
         f"End to end: {e2e['config']}, {e2e['layers']} of {e2e['layers_of_full_model']} layers, "
         f"{e2e['frames']} frames at {e2e['width']}x{e2e['height']} ({grid} = {e2e['tokens']} tokens), "
         f"{e2e['steps']} steps, guidance off, schedule {e2e['schedule']}; "
-        "pipeline call to the final latents (VAE decode excluded):\n\n"
+        f"pipeline call to the final latents (VAE decode excluded; PSNR/SSIM over the first "
+        f"{e2e['decoded_latent_frames']} latent frames decoded):\n\n"
         "| run | density | s | speedup | dense / refresh / sparse step s | projected 50-step speedup "
         "| PSNR dB vs dense | SSIM | latent rel. L2 |\n|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -423,6 +493,22 @@ def _e2e_row(name: str, r: dict[str, Any]) -> str:
         f"| {steps} | {'-' if projected is None else f'{projected:.2f}x'} | {_db(r['psnr_db'])} | {r['ssim']:.4f} "
         f"| {r['latent_relative_l2']:.4f} |\n"
     )
+
+
+def _tiny_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"Fidelity on the built-in tiny DiTs (2 layers, random weights, default sizes, {TINY_STEPS} steps, guidance "
+        "on, 8-token blocks, 2 dense steps and a refresh every 5), each against its own dense output:\n\n"
+        "| model | mode | density | PSNR dB plain | PSNR dB reshape | SSIM plain | SSIM reshape |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    body = "".join(
+        f"| {r['model']} {r['width']}x{r['height']} | {r['mode']} | {r['density']:.4f} "
+        f"| {_db(r['plain']['psnr_db'])} | {_db(r['reshape']['psnr_db'])} | {r['plain']['ssim']:.4f} "
+        f"| {r['reshape']['ssim']:.4f} |\n"
+        for r in rows
+    )
+    return head + body
 
 
 def _num(value: float | None, digits: int) -> str:
@@ -454,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
         results["op"] = [bench_op(tokens, args, device, dtype) for tokens in args.tokens]
     if not args.skip_e2e:
         results["e2e"] = bench_e2e(args, device, dtype)
+    if not args.skip_tiny:
+        results["tiny"] = bench_tiny_fidelity(args, device)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     results["settings"] = {**settings, "wall_s": time.perf_counter() - start}
     paths = write_results(results, args.out, args.name)

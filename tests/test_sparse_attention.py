@@ -126,11 +126,11 @@ def test_block_structure_agrees_with_the_dense_mask():
     for pattern in (window(VIDEO, 0.3, 4), *video_head_candidates(VIDEO, 0.3, "cpu")):
         order = pattern.order if pattern.order is not None else torch.arange(VIDEO.total)
         mask = pattern.dense_mask()[order][:, order]  # in the pattern's computing order, as the kernel sees it
-        blocks = BlockStructure.of(pattern, 4)
         padded = F.pad(mask, (0, 4 - VIDEO.total % 4, 0, 4 - VIDEO.total % 4))
-        per_block = padded.view(blocks.any_allowed.shape[0], 4, -1, 4).sum((1, 3))
-        assert torch.equal(blocks.any_allowed, per_block > 0)
-        assert torch.equal(blocks.all_allowed, per_block == 16)
+        per_block = padded.view(math.ceil(VIDEO.total / 4), 4, -1, 4).sum((1, 3))
+        for blocks in (BlockStructure.of(pattern, 4), BlockStructure.evaluated(pattern, 4)):
+            assert torch.equal(blocks.any_allowed, per_block > 0)
+            assert torch.equal(blocks.all_allowed, per_block == 16)
 
 
 # --- kernels: FlexAttention block masks against the SDPA-with-mask reference ---
@@ -455,3 +455,36 @@ def test_flux_joint_attention_keeps_prompt_tokens_dense():
     assert not torch.allclose(sparse, dense) and state.calls["sparse"] == 2  # the dual- and single-stream blocks
     plan = next(iter(state.plans.values()))
     assert plan.dense_mask[0, :4].all() and plan.dense_mask[0, :, :4].all()
+
+
+# --- CUDA: the compiled kernels with their log-sum-exp, and a request (skipped without a GPU) ---
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("plan_name", ["window", "mixed heads"])
+def test_compiled_flex_on_cuda_matches_the_reference_with_its_log_sum_exp(plan_name):
+    plan = HeadPlan((window(VIDEO, 0.3, 4, "cuda"),), 4)
+    if plan_name == "mixed heads":
+        plan = HeadPlan(video_head_candidates(VIDEO, 0.3, "cuda"), 4, torch.tensor([0, 1, 1], device="cuda"))
+    q, k, v = (t.cuda() for t in qkv(VIDEO, heads=3, dim=16))
+    kernel, reference = FlexKernel(compiled=True), ReferenceKernel()
+    close = partial(torch.testing.assert_close, atol=1e-3, rtol=1e-3)
+    close(kernel.sparse(q, k, v, plan), reference.sparse(q, k, v, plan))
+    close(kernel.sparse_with_lse(q, k, v, plan), reference.sparse_with_lse(q, k, v, plan))
+    close(kernel.dense_with_lse(q, k, v), reference.dense_with_lse(q, k, v))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_sparse_attention_on_cuda_is_removed_bit_identically(settings):
+    from fastgen.engine import Engine
+    from fastgen.settings import Settings
+
+    gpu_engine = Engine(Settings(data_dir=settings.data_dir, device="cuda"))
+    plain = pixels(gpu_engine.run(plain_request("tiny-wan")))
+    sparse = gpu_engine.run(sparse_request("tiny-wan", mode="video-heads"))
+    assert np.array_equal(plain, pixels(gpu_engine.run(plain_request("tiny-wan"))))
+    assert sparse.result.accelerations[0].details["attention_calls"]["sparse"] > 0

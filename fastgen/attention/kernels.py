@@ -39,18 +39,41 @@ class BlockStructure:
 
     @classmethod
     def of(cls, pattern: Pattern, block: int) -> BlockStructure:
-        """Evaluate the pattern on every (query, key) pair, a few query blocks at a time, and count per block."""
+        """Count the allowed pairs in every block from each query's key span (its text keys plus one contiguous
+        span of image keys): tokens x blocks work instead of tokens x tokens."""
+        layout, device = pattern.layout, pattern.device
+        total, text = layout.total, layout.text
+        blocks = math.ceil(total / block)
+        query = torch.arange(total, device=device)
+        first, end = pattern.key_span(query)
+        first = torch.where(query < text, 0, first)  # text queries attend to every key
+        end = torch.where(query < text, total, end)
+        starts = torch.arange(blocks, device=device) * block
+        ends = (starts + block).clamp(max=total)
+        per_row = _overlap(first[:, None], end[:, None], starts, ends)
+        per_row += torch.where(query[:, None] < text, 0, _overlap(0, text, starts, ends))  # image queries' text keys
+        rows = F.pad(per_row, (0, 0, 0, blocks * block - total)).view(blocks, block, blocks)
+        counts = rows.sum(1)
+        return cls(counts > 0, counts == block * block)
+
+    @classmethod
+    def evaluated(cls, pattern: Pattern, block: int) -> BlockStructure:
+        """The same by evaluating ``mask_mod`` on every pair (a few query blocks at a time): the cross-check."""
         total = pattern.layout.total
         blocks = math.ceil(total / block)
-        device = pattern._device
-        index = torch.arange(blocks * block, device=device)
-        counts = torch.empty(blocks, blocks, dtype=torch.int32, device=device)
+        index = torch.arange(blocks * block, device=pattern.device)
+        counts = torch.empty(blocks, blocks, dtype=torch.int64, device=pattern.device)
         rows = max(1, CHUNK_ELEMENTS // (block * block * blocks))
         for first in range(0, blocks, rows):
             query = index[first * block : (first + rows) * block, None]
             allowed = pattern.mask_mod(0, 0, query, index[None, :]) & (query < total) & (index[None, :] < total)
-            counts[first : first + rows] = allowed.view(-1, block, blocks, block).sum((1, 3), dtype=torch.int32)
+            counts[first : first + rows] = allowed.view(-1, block, blocks, block).sum((1, 3))
         return cls(counts > 0, counts == block * block)
+
+
+def _overlap(first, end, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Length of [first, end) inside each block [starts, ends)."""
+    return (torch.minimum(torch.as_tensor(end), ends) - torch.maximum(torch.as_tensor(first), starts)).clamp(min=0)
 
 
 def block_structure(pattern: Pattern, block: int) -> BlockStructure:
@@ -122,7 +145,7 @@ class HeadPlan:
         """(heads or 1, tokens) gather indices into and out of each head's computing order; None: original order."""
         if all(p.order is None for p in self.patterns):
             return None
-        identity = torch.arange(self.patterns[0].layout.total, device=self.patterns[0]._device)
+        identity = torch.arange(self.patterns[0].layout.total, device=self.patterns[0].device)
         into = torch.stack([identity if p.order is None else p.order for p in self.patterns])
         back = torch.stack([identity if p.inverse is None else p.inverse for p in self.patterns])
         if self.head_pattern is None:
@@ -254,6 +277,7 @@ def _gathered_head(q, k, v, plan: HeadPlan, head: int) -> tuple[torch.Tensor, to
     tokens = q.shape[1]
     blocks = structure.any_allowed.shape[0]
     counts = structure.any_allowed.sum(-1)
+    partial = (structure.any_allowed & ~structure.all_allowed).any(-1)  # query blocks with a partly allowed block
     key_blocks = torch.argsort(structure.any_allowed.to(torch.int8), dim=-1, descending=True, stable=True)
     widest = int(counts.max())
     padded = blocks * block - tokens
@@ -262,9 +286,8 @@ def _gathered_head(q, k, v, plan: HeadPlan, head: int) -> tuple[torch.Tensor, to
     outs, lses = [], []
     for first in range(0, blocks, rows):
         last = min(blocks, first + rows)
-        out, lse = _gathered_rows(
-            q[:, first:last], k, v, pattern, key_blocks[first:last, :widest], counts, first, block
-        )
+        keys = key_blocks[first:last, :widest]
+        out, lse = _gathered_rows(q[:, first:last], k, v, pattern, keys, counts, partial, first, block)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, 1).flatten(1, 2)[:, :tokens]
@@ -274,21 +297,29 @@ def _gathered_head(q, k, v, plan: HeadPlan, head: int) -> tuple[torch.Tensor, to
     return out, lse
 
 
-def _gathered_rows(q, k, v, pattern: Pattern, key_blocks, counts, first: int, block: int):
+def _gathered_rows(q, k, v, pattern: Pattern, key_blocks, counts, partial, first: int, block: int):
     """Query blocks ``first``.. (q: batch, blocks, block, head_dim) against their gathered key blocks."""
     tokens, device = k.shape[1], k.device
     row_blocks = torch.arange(first, first + q.shape[1], device=device)
     keys = (key_blocks[..., None] * block + torch.arange(block, device=device)).flatten(1)  # (blocks, widest*block)
     used = torch.arange(key_blocks.shape[1], device=device)[None, :] < counts[row_blocks][:, None]
-    queries = row_blocks[:, None] * block + torch.arange(block, device=device)  # (blocks, block)
-    allowed = pattern.mask_mod(0, 0, queries[:, :, None], keys[:, None, :])
-    allowed &= used.repeat_interleave(block, dim=1)[:, None, :] & (keys < tokens)[:, None, :]
+    allowed = (used.repeat_interleave(block, dim=1) & (keys < tokens))[:, None, :]
+    if bool(partial[row_blocks].any()):  # whole blocks need no per-element mask
+        queries = (row_blocks[:, None] * block + torch.arange(block, device=device)).clamp(max=tokens - 1)
+        allowed = allowed & _in_span(pattern, queries[:, :, None], keys[:, None, :])
     keys = keys.clamp(max=tokens - 1)
     scores = q @ k[:, keys].transpose(-1, -2) * q.shape[-1] ** -0.5  # (batch, blocks, block, widest*block)
     scores = scores.masked_fill(~allowed, -math.inf)
     lse = scores.logsumexp(-1, keepdim=True)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # padded query rows have no keys
     return torch.exp(scores - lse) @ v[:, keys], lse.squeeze(-1)
+
+
+def _in_span(pattern: Pattern, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``pattern.mask_mod`` by the query's key span: two comparisons per pair instead of its integer divisions."""
+    text = pattern.layout.text
+    first, end = pattern.key_span(query)
+    return (query < text) | (key < text) | ((key >= first) & (key < end))
 
 
 def _into(plan: HeadPlan, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 MaskMod = Callable[..., torch.Tensor]
+# Image query positions -> (first, end) of the image keys they attend to, positions in the pattern's computing order.
+KeySpan = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,9 @@ class Pattern:
     """One sparse pattern over ``layout``'s tokens.
 
     ``mask_mod`` takes positions in ``order`` (``order[i]`` is the original index of the token computed at position
-    i; None: the original order). ``density`` is the mean share of image keys an image query attends to.
+    i; None: the original order). ``density`` is the mean share of image keys an image query attends to. In that
+    order every image query's image keys are one contiguous span, ``key_span`` (which makes the block structure
+    cheap to count); text rows and columns are dense.
     """
 
     name: str
@@ -75,6 +79,8 @@ class Pattern:
     density: float
     covers_all: bool
     mask_mod: MaskMod
+    key_span: KeySpan
+    device: torch.device
     order: torch.Tensor | None = None
     inverse: torch.Tensor | None = field(default=None, repr=False)  # position in ``order`` of each original token
     derived: dict = field(default_factory=dict, repr=False)  # kept with the pattern: its block structure per size
@@ -87,12 +93,8 @@ class Pattern:
 
     def dense_mask(self) -> torch.Tensor:
         """The (tokens, tokens) boolean mask in the original token order: the reference for tests and SDPA."""
-        index = torch.arange(self.layout.total, device=self._device)
+        index = torch.arange(self.layout.total, device=self.device)
         return self.allowed(index[:, None], index[None, :])
-
-    @property
-    def _device(self) -> torch.device:
-        return self.order.device if self.order is not None else _captured_device(self.mask_mod)
 
 
 def window(layout: TokenLayout, density: float, block: int, device: torch.device | str = "cpu") -> Pattern:
@@ -108,7 +110,12 @@ def window(layout: TokenLayout, density: float, block: int, device: torch.device
         inside = (kv_block >= start) & (kv_block < start + width_t)
         return (q < text) | (kv < text) | inside
 
-    return Pattern("window", layout, _window_density(layout.image, block, width), width == blocks, window_mask)
+    def window_span(q):
+        start = torch.minimum(((q - text) // block_t - width_t // 2).clamp(min=0), last_start)
+        return text + start * block_t, torch.clamp(text + (start + width_t) * block_t, max=layout.total)
+
+    density_ = _window_density(layout.image, block, width)
+    return Pattern("window", layout, density_, width == blocks, window_mask, window_span, torch.device(device))
 
 
 def spatial(layout: TokenLayout, density: float, device: torch.device | str = "cpu") -> Pattern:
@@ -121,8 +128,14 @@ def spatial(layout: TokenLayout, density: float, device: torch.device | str = "c
         near = ((q - text) // per_frame - (kv - text) // per_frame).abs() <= each_side_t
         return (q < text) | (kv < text) | near
 
+    def spatial_span(q):
+        frame = (q - text) // per_frame
+        first, end = (frame - each_side_t).clamp(min=0), (frame + each_side_t + 1).clamp(max=layout.frames)
+        return text + first * per_frame, text + end * per_frame
+
     covers_all = each_side >= layout.frames - 1
-    return Pattern("spatial", layout, _band_density(layout.frames, each_side), covers_all, spatial_mask)
+    density_ = _band_density(layout.frames, each_side)
+    return Pattern("spatial", layout, density_, covers_all, spatial_mask, spatial_span, torch.device(device))
 
 
 def temporal(layout: TokenLayout, density: float, device: torch.device | str = "cpu") -> Pattern:
@@ -135,10 +148,25 @@ def temporal(layout: TokenLayout, density: float, device: torch.device | str = "
         near = ((q - text) // frames - (kv - text) // frames).abs() <= each_side_t
         return (q < text) | (kv < text) | near
 
+    def temporal_span(q):
+        position = (q - text) // frames
+        first, end = (position - each_side_t).clamp(min=0), (position + each_side_t + 1).clamp(max=layout.per_frame)
+        return text + first * frames, text + end * frames
+
     order = position_major_order(layout, device)
     covers_all = each_side >= layout.per_frame - 1
     density_ = _band_density(layout.per_frame, each_side)
-    return Pattern("temporal", layout, density_, covers_all, temporal_mask, order, torch.argsort(order))
+    return Pattern(
+        "temporal",
+        layout,
+        density_,
+        covers_all,
+        temporal_mask,
+        temporal_span,
+        torch.device(device),
+        order,
+        torch.argsort(order),
+    )
 
 
 def position_major_order(layout: TokenLayout, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -180,8 +208,3 @@ def _tensors(device, *values: int) -> tuple[torch.Tensor, ...]:
     # Captured as tensors, not Python ints: FlexAttention's compiled kernel then takes them as inputs and a new
     # density or layout of the same shape reuses the compiled kernel instead of compiling again.
     return tuple(torch.tensor(v, device=device) for v in values)
-
-
-def _captured_device(mask_mod: MaskMod) -> torch.device:
-    cells = [c.cell_contents for c in mask_mod.__closure__ or ()]
-    return next((c.device for c in cells if isinstance(c, torch.Tensor)), torch.device("cpu"))

@@ -1,9 +1,10 @@
 """How each model family's self-attention turns its input into Q, K, V and the attention output back into its own.
 
-Each mirrors the diffusers processor it stands in for (diffusers 0.42: ``AttnProcessor2_0`` and
-``FusedAttnProcessor2_0`` for PixArt and UNets, ``WanAttnProcessor``, ``FluxAttnProcessor``), step for step, so only
-the attention in the middle changes. Q, K and V come out as (batch, heads, tokens, head_dim) in the model's token
-order; text tokens, where the model's self-attention has them (Flux), come first.
+Each mirrors the diffusers processor it stands in for (diffusers 0.42: ``AttnProcessor2_0``,
+``FusedAttnProcessor2_0`` and ``XFormersAttnProcessor`` for PixArt and UNets, ``WanAttnProcessor``,
+``FluxAttnProcessor``), step for step, so only the attention in the middle changes. Q, K and V come out as
+(batch, heads, tokens, head_dim) in the model's token order; text tokens, where the model's self-attention has them
+(Flux), come first.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class FluxProjections:
 PROJECTIONS: dict[str, Projections] = {
     "AttnProcessor2_0": StandardProjections(fused=False),
     "FusedAttnProcessor2_0": StandardProjections(fused=True),
+    "XFormersAttnProcessor": StandardProjections(fused=False),  # what fastgen's CUDA workers load when installed
     "WanAttnProcessor": WanProjections(),
     "FluxAttnProcessor": FluxProjections(),
 }
