@@ -1,0 +1,283 @@
+"""LoRA adapters resident in a pipeline's denoiser, switched per request by hot-swapping their weights in place.
+
+SwiftDiffusion (Li et al., "SwiftDiffusion: Efficient Diffusion Model Serving with Add-on Modules", 2024) keeps
+add-on modules close to the model and loads them asynchronously so that a request rarely waits for one. Here:
+
+- A pipeline gets a fixed number of adapter *slots*. Each slot starts as an all-zero adapter over every layer any
+  adapter of the library adapts, at the library's highest rank (diffusers' ``enable_lora_hotswap(target_rank)``
+  first), so any library adapter fits any slot: switching is diffusers' ``load_lora_weights(..., hotswap=True)``,
+  a copy into tensors that already exist, and a compiled denoiser is never recompiled.
+- Slots are kept least-recently-used: a request whose adapters are resident only chooses them and their scales
+  (``set_adapters``); a request without adapters turns them all off (``disable_lora``), which runs every adapted
+  layer's base layer alone: the base model's pixels exactly.
+- Optionally (``apply_by_step`` > 0) an adapter that is not resident is swapped into a free, inactive slot by a
+  background thread while denoising starts, and switched on at the first step end after it is ready, at step
+  ``apply_by_step`` at the latest (waiting there if need be). The report says at which step it was applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastgen.lora.library import LoraError, LoraInfo, LoraLibrary
+
+logger = logging.getLogger(__name__)
+
+SLOT_PREFIX = "fastgen_slot"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What every slot covers: the adapted layers (module name -> its lora_A and lora_B shapes) at one rank."""
+
+    rank: int
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+
+    def covers(self, other: Layout) -> bool:
+        return self.rank >= other.rank and other.shapes.keys() <= self.shapes.keys()
+
+    def union(self, other: Layout) -> Layout:
+        rank = max(self.rank, other.rank)
+        modules = self.shapes.keys() | other.shapes.keys()
+        return Layout(rank, {name: _shapes_at(self.shapes.get(name) or other.shapes[name], rank) for name in modules})
+
+
+@dataclass
+class Converted:
+    """One adapter made ready for a slot: diffusers' own input (the file's tensors) and its layout in PEFT names."""
+
+    info: LoraInfo
+    tensors: dict[str, torch.Tensor]
+    layout: Layout
+
+
+@dataclass
+class ActiveLoras:
+    """The adapters one request uses; ``remove()`` switches them all off again."""
+
+    slots: AdapterSlots
+    chosen: list[tuple[str, float]]  # (slot, scale)
+    report_items: list[dict[str, Any]]
+    pending: list[tuple[Future, float, dict[str, Any]]] = field(default_factory=list)
+    apply_by_step: int = 0
+
+    def on_step(self, step: int, latents: torch.Tensor | None = None) -> None:
+        """After each denoising step: switch on adapters whose background swap is done (all of them at the limit)."""
+        ready = [p for p in self.pending if p[0].done() or step >= self.apply_by_step]
+        if not ready:
+            return
+        for item in ready:
+            future, scale, report = item
+            slot = future.result()  # waits at the limit; re-raises a failed load: the request fails
+            self.chosen.append((slot, scale))
+            report["applied_at_step"] = step
+            self.pending.remove(item)
+        self.slots.choose(self.chosen)
+
+    def remove(self) -> None:
+        for future, *_ in self.pending:
+            future.cancel()
+            if not future.cancelled():
+                future.exception()  # let a swap in flight finish before the next request touches the slots
+        self.slots.switch_off()
+
+    def report(self) -> dict[str, Any]:
+        return {"adapters": self.report_items}
+
+
+class AdapterSlots:
+    """A pipeline's adapter slots and which library adapter each one holds (one request at a time)."""
+
+    def __init__(self, pipe, library: LoraLibrary, count: int):
+        if count < 1:
+            raise ValueError(f"lora slots: need at least 1, got {count}")
+        self.pipe, self.library, self.count = pipe, library, count
+        self.prefix = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+        self.denoiser = getattr(pipe, self.prefix)
+        self.layout: Layout | None = None
+        self.holding: OrderedDict[str, tuple[str, str] | None] = OrderedDict()  # slot -> (name, sha256), LRU first
+        self.swaps = 0
+        self.rebuilds = 0
+        self._zero: dict[str, torch.Tensor] = {}  # the all-zero adapter every slot starts as
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-swap")
+
+    def activate(self, adapters: list[tuple[LoraInfo, float]], apply_by_step: int = 0) -> ActiveLoras:
+        """Make ``adapters`` (with their scales) the active ones for one request."""
+        converted = [self.convert(info, f"loras[{i}]") for i, (info, _) in enumerate(adapters)]
+        self._ensure_layout(converted)
+        wanted = {(c.info.name, c.info.sha256) for c in converted}
+        active, taken = ActiveLoras(self, [], [], apply_by_step=apply_by_step), set()
+        for c, (_, scale) in zip(converted, adapters, strict=True):
+            slot = self._resident(c.info)
+            report = {"name": c.info.name, "scale": scale, "resident": slot is not None}
+            active.report_items.append(report)
+            if slot is None:
+                slot = self._free_slot(wanted, taken)
+                if apply_by_step > 0:  # swapped by the background thread into a slot no step uses yet
+                    taken.add(slot)
+                    active.pending.append((self._executor.submit(self._swap_timed, slot, c, report), scale, report))
+                    continue
+                self._swap_timed(slot, c, report)
+            taken.add(slot)
+            active.chosen.append((slot, scale))
+        self.choose(active.chosen)
+        return active
+
+    def choose(self, chosen: list[tuple[str, float]]) -> None:
+        if not chosen:
+            self.switch_off()
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([slot for slot, _ in chosen], [scale for _, scale in chosen])
+
+    def switch_off(self) -> None:
+        if self.layout is not None:
+            self.pipe.disable_lora()
+
+    def unload(self) -> None:
+        """Take every adapter layer out of the denoiser: the pipeline as it was before any LoRA."""
+        if self.layout is not None:
+            self.pipe.unload_lora_weights()
+        self.layout, self.holding = None, OrderedDict()
+
+    def convert(self, info: LoraInfo, field: str) -> Converted:
+        """The adapter in PEFT names, checked against this denoiser's layers (a clear error when it does not fit)."""
+        tensors = self.library.tensors(info)
+        try:
+            state = type(self.pipe).lora_state_dict(dict(tensors))  # copies: diffusers pops converted keys
+        except Exception as exc:
+            raise LoraError(f"{field}.name", f"LoRA {info.name!r} is not a LoRA diffusers can read: {exc}") from exc
+        state = state[0] if isinstance(state, tuple) else state
+        return Converted(info, tensors, self._layout_of(info, field, state))
+
+    def _layout_of(self, info: LoraInfo, field: str, state: dict[str, torch.Tensor]) -> Layout:
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        ours = {k.removeprefix(f"{self.prefix}."): v for k, v in state.items() if k.startswith(f"{self.prefix}.")}
+        peft = convert_unet_state_dict_to_peft(ours) if ours and "lora_A" not in next(iter(ours)) else ours
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in peft.items():
+            if ".lora_A." in key or ".lora_B." in key:
+                module, half = key.rsplit(".lora_", 1)
+                pairs.setdefault(module, {})[half[0]] = tensor
+        if not pairs:
+            raise LoraError(f"{field}.name", f"LoRA {info.name!r} adapts no layer of the {self.prefix}")
+        shapes = {module: self._fitting_shapes(info, field, module, pair) for module, pair in pairs.items()}
+        return Layout(max(pair["A"].shape[0] for pair in pairs.values()), shapes)
+
+    def _fitting_shapes(self, info: LoraInfo, field: str, module: str, pair: dict[str, torch.Tensor]):
+        try:
+            layer = self.denoiser.get_submodule(module)
+        except AttributeError:
+            layer = None
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        a, b = pair.get("A"), pair.get("B")
+        expected = _pair_shapes(layer, a.shape[0] if a is not None else 0) if layer is not None else None
+        if expected is None or a is None or b is None or (tuple(a.shape), tuple(b.shape)) != expected:
+            got = "no such layer" if layer is None else f"shapes {_shape(a)} and {_shape(b)}, expected {expected}"
+            raise LoraError(
+                f"{field}.name",
+                f"LoRA {info.name!r} (base {info.base}) does not fit this model: layer {module}: {got}",
+            )
+        return expected
+
+    def _ensure_layout(self, converted: list[Converted]) -> None:
+        """Slots cover every layer of every library adapter that fits; rebuilt (rarely) when one does not."""
+        needed = None
+        for c in converted:
+            needed = c.layout if needed is None else needed.union(c.layout)
+        if needed is None or (self.layout is not None and self.layout.covers(needed)):
+            return
+        layout = self._library_layout(needed)
+        if self.layout is not None:
+            self.rebuilds += 1
+            logger.info("LoRA slots rebuilt for a wider layout (rank %d, %d layers)", layout.rank, len(layout.shapes))
+            self.pipe.unload_lora_weights()
+        self._build(layout)
+
+    def _library_layout(self, needed: Layout) -> Layout:
+        """``needed`` widened by every other library adapter that fits this model, so later swaps fit too."""
+        layout = needed
+        for name in self.library.names():
+            try:
+                layout = layout.union(self.convert(self.library.get(name), "loras").layout)
+            except LoraError:
+                continue  # made for another model, or unusable: never swapped into these slots
+        return layout
+
+    def _build(self, layout: Layout) -> None:
+        self.pipe.enable_lora_hotswap(target_rank=layout.rank)
+        self._zero = {}
+        for module, (a_shape, b_shape) in layout.shapes.items():
+            self._zero[f"{self.prefix}.{module}.lora_A.weight"] = torch.zeros(a_shape)
+            self._zero[f"{self.prefix}.{module}.lora_B.weight"] = torch.zeros(b_shape)
+        self.holding = OrderedDict()
+        for i in range(self.count):
+            slot = f"{SLOT_PREFIX}{i:02d}"  # fixed width: peft finds an adapter's keys by substring
+            self.pipe.load_lora_weights(self._zero_copy(), adapter_name=slot)
+            self.holding[slot] = None
+        self.layout = layout
+        self.pipe.disable_lora()
+
+    def _zero_copy(self) -> dict[str, torch.Tensor]:
+        # Fresh tensors per slot: diffusers may keep the given tensors as the slot's parameters, and slots sharing
+        # them would all change with the first swap.
+        return {key: tensor.clone() for key, tensor in self._zero.items()}
+
+    def _resident(self, info: LoraInfo) -> str | None:
+        for slot, held in self.holding.items():
+            if held == (info.name, info.sha256):
+                self.holding.move_to_end(slot)
+                return slot
+        return None
+
+    def _free_slot(self, wanted: set[tuple[str, str]], taken: set[str]) -> str:
+        """An empty slot, else the least recently used one holding nothing this request needs."""
+        for slot, held in self.holding.items():
+            if slot not in taken and (held is None or held not in wanted):
+                return slot
+        raise LoraError("loras", f"more adapters than the {self.count} slots of this worker (FASTGEN_LORA_SLOTS)")
+
+    def _swap_timed(self, slot: str, c: Converted, report: dict[str, Any]) -> str:
+        started = time.perf_counter()
+        self._swap(slot, c)
+        report["swap_s"] = round(time.perf_counter() - started, 6)
+        return slot
+
+    def _swap(self, slot: str, c: Converted) -> None:
+        self.holding[slot] = None  # until the swap is complete, the slot holds nothing anyone may reuse
+        try:
+            self.pipe.load_lora_weights(dict(c.tensors), adapter_name=slot, hotswap=True)
+        except Exception as exc:
+            if slot not in getattr(self.denoiser, "peft_config", {}):  # diffusers drops an adapter it failed to swap
+                self.pipe.load_lora_weights(self._zero_copy(), adapter_name=slot)
+                self.pipe.disable_lora()
+            raise LoraError("loras", f"LoRA {c.info.name!r} could not be swapped in: {exc}") from exc
+        self.holding[slot] = (c.info.name, c.info.sha256)
+        self.holding.move_to_end(slot)
+        self.swaps += 1
+
+
+def _pair_shapes(layer: torch.nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The (lora_A, lora_B) shapes a rank-``rank`` adapter of ``layer`` has; None for layers LoRA cannot adapt."""
+    if isinstance(layer, torch.nn.Linear):
+        return (rank, layer.in_features), (layer.out_features, rank)
+    if isinstance(layer, torch.nn.Conv2d):
+        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    return None
+
+
+def _shapes_at(shapes: tuple[tuple[int, ...], tuple[int, ...]], rank: int):
+    a, b = shapes
+    return (rank, *a[1:]), (b[0], rank, *b[2:])
+
+
+def _shape(tensor: torch.Tensor | None) -> str:
+    return "missing" if tensor is None else "x".join(map(str, tensor.shape))
