@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="accelerate: start from a similar earlier prompt's stored state (default: FASTGEN_CACHE_DEFAULT)",
     )
     gen.add_argument("--min-similarity", type=float, help="cache: only reuse prompts at least this similar (0-1)")
+    gen.add_argument(
+        "--sparse-attention",
+        choices=["window", "video-heads"],
+        help="accelerate: sparse self-attention for DiTs with Re-ttention's reshape (video-heads: video models)",
+    )
+    gen.add_argument(
+        "--sparse-density",
+        type=float,
+        help="sparse attention: share of tokens each query attends to (default: model's)",
+    )
     gen.add_argument("--json", action="store_true", help="print the result metadata as JSON")
     gen.add_argument("--url", help="run on a fastgen service at this URL instead of in this process")
     gen.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"), help="key for --url (FASTGEN_API_KEY)")
@@ -172,6 +182,10 @@ def request_from_args(args: argparse.Namespace) -> dict:
         request["output_format"] = FORMAT_BY_SUFFIX[suffix]
     cache = {"enabled": None if args.cache is None else args.cache == "on", "min_similarity": args.min_similarity}
     request["accelerate"] = {"fuse_qkv": args.fuse_qkv, "cache": cache}
+    if args.sparse_attention or args.sparse_density is not None:
+        # A density without a mode is refused at the door (mode off) rather than silently dropped here.
+        sparse = {"mode": args.sparse_attention or "off", "density": args.sparse_density}
+        request["accelerate"]["sparse_attention"] = sparse
     return request
 
 

@@ -11,7 +11,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from fastgen.errors import FieldError, InvalidRequest
@@ -116,6 +116,17 @@ class SparseAttentionOptions(Strict):
     )
     refresh_every: int | None = Field(None, ge=0, description="Steps between later full-attention steps (0: none)")
     block_size: int | None = Field(None, ge=1, le=1024, description="Tokens per block of the block-sparse mask")
+
+    @model_validator(mode="after")
+    def _settings_need_a_mode(self) -> SparseAttentionOptions:
+        settings = [name for name in type(self).model_fields if name != "mode" and getattr(self, name) is not None]
+        if settings and self.mode == "off":
+            raise PydanticCustomError(
+                "mode_off",
+                "sets {settings} but mode is off; set mode to window or video-heads",
+                {"settings": ", ".join(settings)},
+            )
+        return self
 
     @property
     def asked(self) -> bool:

@@ -293,13 +293,22 @@ def test_requests_the_model_cannot_serve_are_refused_naming_the_field(model, opt
     assert any(e.field == field and words in e.message for e in caught.value.errors)
 
 
-def test_request_density_is_bounded():
+@pytest.mark.parametrize(
+    "options, field, words",
+    [
+        ({"mode": "window", "density": 1.5}, "accelerate.sparse_attention.density", "less than or equal to 1"),
+        ({"mode": "window", "block_size": 4096}, "accelerate.sparse_attention.block_size", "1024"),
+        ({"density": 0.1}, "accelerate.sparse_attention", "sets density but mode is off"),
+    ],
+)
+def test_request_options_out_of_bounds_are_refused_naming_the_field(options, field, words):
     from fastgen.request import parse_request
     from fastgen.settings import Limits
 
     with pytest.raises(InvalidRequest) as caught:
-        parse_request({"prompt": "x", "accelerate": {"sparse_attention": {"density": 1.5}}}, Limits())
-    assert caught.value.errors[0].field == "accelerate.sparse_attention.density"
+        parse_request({"prompt": "x", "accelerate": {"sparse_attention": options}}, Limits())
+    (error,) = caught.value.errors
+    assert error.field == field and words in error.message
 
 
 def test_pipeline_class_decides_modes_for_models_that_are_not_built_in():
