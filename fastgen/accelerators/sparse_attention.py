@@ -187,6 +187,9 @@ class SparseAttentionHandle:
         except BaseException:
             self.remove()
             raise
+        logger.debug(
+            "sparse attention (%s, density %s) on %d self-attention layers", config.mode, config.density, self.wrapped
+        )
 
     def _attach(self, model: torch.nn.Module, processors: dict) -> None:
         replaced = {name: self._sparse(model, name, p) for name, p in processors.items()}

@@ -115,6 +115,10 @@ class SparseAttentionState:
         entry = self.entries.get(entry_key)
         if entry is None or entry.layout != layout:
             # No full step has planned this layer and branch at this size yet (a call the schedule did not foresee).
+            if not self.calls["dense_unplanned"]:
+                logger.warning(
+                    "sparse attention: %s branch %d has no plan at %s; attending densely", *entry_key, layout
+                )
             self.calls["dense_unplanned"] += 1
             return F.scaled_dot_product_attention(q, k, v)
         self.calls["sparse"] += 1
