@@ -70,8 +70,12 @@ class Lookup:
     seconds: float = 0.0
 
 
-def compatibility_key(spec_name: str, pipe, request: GenerationRequest) -> dict[str, Any]:
-    """Everything besides the prompt that shapes the denoising trajectory: entries must agree on all of it."""
+def compatibility_key(spec_name: str, pipe, request: GenerationRequest, adapters: tuple = ()) -> dict[str, Any]:
+    """Everything besides the prompt that shapes the denoising trajectory: entries must agree on all of it.
+
+    ``adapters`` are the request's LoRAs as (name, file checksum, scale): a file replaced under the same name is
+    another adapter.
+    """
     scheduler = pipe.scheduler
     guidance = request.guidance or 0.0
     # How the work is spread over devices does not change what is drawn, so parallel options do not partition.
@@ -83,7 +87,7 @@ def compatibility_key(spec_name: str, pipe, request: GenerationRequest) -> dict[
         "scheduler": [type(scheduler).__name__, json.dumps(dict(scheduler.config), sort_keys=True, default=str)],
         "guidance": "off" if guidance <= 1.0 else round(guidance * 2) / 2,  # regimes of 0.5
         "negative_prompt": " ".join(request.negative_prompt.lower().split()),
-        "loras": sorted((lora.name, lora.scale) for lora in request.loras),
+        "loras": sorted(adapters) if adapters else sorted((lora.name, lora.scale) for lora in request.loras),
         "accelerate": {k: v for k, v in accelerations.items() if v},
         "dtype": str(pipe.dtype),
     }
@@ -217,25 +221,30 @@ class ApproximateCache:
                     self._embedders[key] = load_sentence_embedder(self.config.embedder)
             return self._embedders[key]
 
-    def begin(self, pipe, model: str, request: GenerationRequest, seed: int, tenant: str) -> CacheRun | None:
-        """Look the request up; None when the request does not use the cache or the scheduler cannot resume."""
+    def begin(
+        self, pipe, model: str, request: GenerationRequest, seed: int, tenant: str, adapters: tuple = ()
+    ) -> CacheRun | None:
+        """Look the request up; None when the request does not use the cache or the scheduler cannot resume.
+
+        ``adapters``: the request's LoRAs as (name, checksum, scale), part of what entries must agree on.
+        """
         if not self.enabled_for(request):
             return None
         reason = resume.resumable(pipe.scheduler)
         if reason is not None:
             return CacheRun.unusable(self, model, reason)
         try:
-            lookup = self.lookup(pipe, model, request, tenant)
+            lookup = self.lookup(pipe, model, request, tenant, adapters)
         except Exception as exc:  # the cache is an optimisation: never fail a job for it
             logger.exception("cache lookup failed; running uncached")
             return CacheRun.unusable(self, model, f"cache unavailable: {type(exc).__name__}")
         return CacheRun(self, pipe, model, request, seed, lookup)
 
-    def lookup(self, pipe, model: str, request: GenerationRequest, tenant: str) -> Lookup:
+    def lookup(self, pipe, model: str, request: GenerationRequest, tenant: str, adapters: tuple = ()) -> Lookup:
         started = time.perf_counter()
         embedder = self.embedder(pipe, model)
         owner = SHARED if self.config.share_across_tenants else f"tenant:{tenant}"
-        partition = digest([owner, embedder.name, compatibility_key(model, pipe, request)])
+        partition = digest([owner, embedder.name, compatibility_key(model, pipe, request, adapters)])
         vector = embedder.embed(request.prompt)
         lookup = Lookup(partition, prompt_key(request.prompt), vector)
         self.index.sync()
@@ -332,9 +341,9 @@ class CacheRun:
         handle, kwargs = resume.apply(self.pipe, state)
         return handle.remove, kwargs
 
-    def on_step(self, step: int, latents: torch.Tensor) -> None:
+    def on_step(self, step: int, latents: torch.Tensor | None) -> None:
         """From the step callback: ``step`` steps of the full schedule are done."""
-        if step in self.marks:
+        if step in self.marks and latents is not None:
             self.captured.append(resume.capture(self.pipe.scheduler, latents, step, self.request.steps))
 
     def finish(self) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from PIL import Image
 
 from fastgen.accelerators import ACCELERATORS, Accelerator, attach
 from fastgen.errors import Cancelled, ModelLoadError
+from fastgen.lora.hotswap import ActiveLoras, AdapterSlots
+from fastgen.lora.library import LoraInfo, LoraLibrary
 from fastgen.models.registry import ModelRegistry, ModelSpec
 from fastgen.request import AccelerationReport, GenerationRequest, GenerationResult, Timings, parse_request
 from fastgen.settings import Settings
@@ -65,6 +67,7 @@ class LoadedPipeline:
     spec: ModelSpec
     pipe: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
+    adapters: AdapterSlots | None = None  # LoRA slots, made on the first request with LoRAs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,7 +135,8 @@ class StepMonitor:
     """The pipeline's ``callback_on_step_end``: progress, ETA, cooperative cancellation, state capture.
 
     ``skipped`` steps were not run (a resumed run starts after them): progress counts the full schedule.
-    ``on_latents(step, latents)`` sees the latents after each step of the full schedule.
+    Each of ``hooks`` is called as ``hook(step, latents)`` after each step of the full schedule (the cache captures
+    states there; a LoRA loaded in the background is switched on there).
     """
 
     def __init__(
@@ -141,10 +145,10 @@ class StepMonitor:
         on_step: StepCallback | None,
         cancel: CancelFlag | None,
         skipped: int = 0,
-        on_latents: Callable[[int, torch.Tensor], None] | None = None,
     ):
         self.total, self.on_step, self.cancel = total, on_step, cancel
-        self.skipped, self.on_latents = skipped, on_latents
+        self.skipped = skipped
+        self.hooks: list[Callable[[int, torch.Tensor | None], None]] = []
         self.start = time.perf_counter()
         self.last_step_at = self.start
         self.steps_done = 0  # steps this run computed
@@ -157,8 +161,8 @@ class StepMonitor:
         elapsed = self.last_step_at - self.start
         step = self.skipped + self.steps_done
         eta = elapsed / self.steps_done * (self.total - step)
-        if self.on_latents is not None and "latents" in callback_kwargs:
-            self.on_latents(step, callback_kwargs["latents"])
+        for hook in self.hooks:
+            hook(step, callback_kwargs.get("latents"))
         if self.on_step is not None:
             self.on_step(Progress(step, self.total, elapsed, eta))
         self.check_cancel()
@@ -182,8 +186,11 @@ class Engine:
         registry: ModelRegistry | None = None,
         accelerators: tuple[Accelerator, ...] = ACCELERATORS,
         cache: ApproximateCache | None = None,
+        loras: LoraLibrary | None = None,
     ):
+        """``loras``: the LoRA library (default: the one in ``settings.lora_dir``)."""
         self.settings, self.cache = settings, cache
+        self.loras = loras or LoraLibrary(settings.lora_dir, settings.lora_host_bytes)
         self.registry = registry or ModelRegistry(settings.model_dir)
         self.device = resolve_device(settings.device)
         self.pool = PipelinePool(self.registry, self.device, resolve_dtype(settings.dtype, self.device))
@@ -210,27 +217,13 @@ class Engine:
         """
         started = time.perf_counter()
         spec, request = self.prepare(request)
+        adapters = self.adapters(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         loaded, load_s = self.pool.get(spec)
         monitor = StepMonitor(request.steps, on_step, cancel)
         monitor.check_cancel()
         with loaded.lock:
-            cached = self.cache.begin(loaded.pipe, spec.name, request, seed, tenant) if self.cache else None
-            if cached:
-                monitor.skipped, monitor.on_latents = cached.skipped, cached.on_step
-            attached = attach(loaded.pipe, request, self.accelerators)
-            try:
-                detach_resume, resume_kwargs = cached.resume() if cached else (lambda: None, {})
-                try:
-                    monitor.start = time.perf_counter()
-                    output = loaded.pipe(**call_kwargs(loaded.pipe, spec, request, seed, monitor) | resume_kwargs)
-                finally:
-                    detach_resume()
-                reports = attached.reports()
-            finally:
-                attached.remove()
-            if cached:
-                reports.append(AccelerationReport(name="cache", details=cached.finish()))
+            output, reports = self._generate(loaded, request, seed, tenant, monitor, adapters)
         finished = time.perf_counter()
         result = GenerationResult(
             id=result_id or uuid.uuid4().hex,
@@ -247,6 +240,53 @@ class Engine:
             accelerations=reports,
         )
         return _generation(result, spec, output)
+
+    def adapters(self, request: GenerationRequest) -> list[tuple[LoraInfo, float]]:
+        """The request's LoRAs from the library, with their scales; LoraError names an unusable one."""
+        return [(self.loras.get(lora.name, f"loras[{i}]"), lora.scale) for i, lora in enumerate(request.loras)]
+
+    def _generate(self, loaded, request, seed, tenant, monitor, adapters) -> tuple[Any, list[AccelerationReport]]:
+        """Look up the cache, switch on the LoRAs, attach the accelerators, run the pipeline, take them off again."""
+        pipe, fingerprints = loaded.pipe, tuple((info.name, info.sha256, scale) for info, scale in adapters)
+        cached = self.cache.begin(pipe, loaded.spec.name, request, seed, tenant, fingerprints) if self.cache else None
+        if cached:
+            monitor.skipped = cached.skipped
+            monitor.hooks.append(cached.on_step)
+        loras = self._activate(loaded, adapters, monitor)
+        try:
+            attached = attach(pipe, request, self.accelerators)
+            try:
+                detach_resume, resume_kwargs = cached.resume() if cached else (lambda: None, {})
+                try:
+                    monitor.start = time.perf_counter()
+                    output = pipe(**call_kwargs(pipe, loaded.spec, request, seed, monitor) | resume_kwargs)
+                finally:
+                    detach_resume()
+                reports = attached.reports()
+            finally:
+                attached.remove()
+        finally:
+            if loras:
+                loras.remove()
+        if loras:
+            reports.insert(0, AccelerationReport(name="loras", details=loras.report()))
+        if cached:
+            if loras and loras.applied_late:  # its first steps ran without the adapter: not this prompt's states
+                cached.captured.clear()
+            reports.append(AccelerationReport(name="cache", details=cached.finish()))
+        return output, reports
+
+    def _activate(self, loaded: LoadedPipeline, adapters, monitor: StepMonitor) -> ActiveLoras | None:
+        if not adapters:
+            return None
+        if loaded.adapters is None:
+            loaded.adapters = AdapterSlots(loaded.pipe, self.loras, self.settings.lora_slots)
+        # Due by the last step at the latest; a resumed run starts after its skipped steps, so an adapter due by
+        # then is swapped in before the first.
+        by_step = min(self.settings.lora_apply_by_step, monitor.total - 1)
+        loras = loaded.adapters.activate(adapters, by_step if by_step > monitor.skipped else 0)
+        monitor.hooks.append(loras.on_step)
+        return loras
 
 
 def call_kwargs(pipe, spec: ModelSpec, request: GenerationRequest, seed: int, monitor: StepMonitor) -> dict:

@@ -66,6 +66,10 @@ class Settings:
     cache_url: str | None = None  # FASTGEN_CACHE_URL (fsspec URL) for state files; default <artifact_url>/_cache
     devices: int = 1  # FASTGEN_DEVICES: devices (ranks) per worker; above 1 each request is split over them
     parallel_mode: str = "displaced"  # FASTGEN_PARALLEL_MODE: the patch mode of requests that do not say
+    lora_dir: Path | None = None  # FASTGEN_LORA_DIR: the LoRA library (*.safetensors); default <data_dir>/loras
+    lora_slots: int = 8  # FASTGEN_LORA_SLOTS: adapters kept resident per pipeline (least recently used replaced)
+    lora_host_bytes: int = 4 * 1024**3  # FASTGEN_LORA_HOST_BYTES: library adapters pre-read into host memory
+    lora_apply_by_step: int = 0  # FASTGEN_LORA_APPLY_BY_STEP: >0 starts denoising while a LoRA loads (off: 0)
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -79,6 +83,14 @@ class Settings:
             object.__setattr__(self, "cache_url", self.artifact_url.rstrip("/") + "/_cache")
         if self.cache_bytes < 0:
             raise ValueError(f"FASTGEN_CACHE_BYTES must be 0 (off) or more, got {self.cache_bytes}")
+        object.__setattr__(self, "lora_dir", Path(self.lora_dir or self.data_dir / "loras").expanduser())
+        if self.lora_slots < self.limits.max_loras:
+            limit = self.limits.max_loras
+            raise ValueError(f"FASTGEN_LORA_SLOTS must be at least FASTGEN_MAX_LORAS ({limit}), got {self.lora_slots}")
+        if self.lora_slots > 99:
+            raise ValueError(f"FASTGEN_LORA_SLOTS must be at most 99, got {self.lora_slots}")
+        if self.lora_apply_by_step < 0 or self.lora_host_bytes < 0:
+            raise ValueError("FASTGEN_LORA_APPLY_BY_STEP and FASTGEN_LORA_HOST_BYTES must be 0 or more")
         if self.cache_policy not in ("fastgen", "nirvana"):
             raise ValueError(f"FASTGEN_CACHE_POLICY must be fastgen or nirvana, got {self.cache_policy!r}")
         self.cache_threshold_table  # noqa: B018 -- a malformed table fails at start-up

@@ -43,7 +43,7 @@ def test_defaults_fill_unset_fields():
         ("tiny-sd", {"output_format": "mp4"}, "output_format", "png, jpeg, webp"),
         ("tiny-wan", {"num_frames": 10}, "num_frames", "4*k + 1"),
         ("tiny-wan", {"output_format": "png"}, "output_format", "mp4, gif"),
-        ("tiny-sd", {"loras": [{"name": "style"}]}, "loras", "not available"),
+        ("tiny-pixart", {"loras": [{"name": "style"}]}, "loras", "does not take LoRA adapters"),
     ],
 )
 def test_model_rejects_what_it_cannot_do(model, fields, field, words):

@@ -89,16 +89,16 @@ class GroupCache:
     def __init__(self, cache, group: RankGroup):
         self.cache, self.group = cache, group
 
-    def begin(self, pipe, model: str, request, seed: int, tenant: str) -> CacheRun | None:
+    def begin(self, pipe, model: str, request, seed: int, tenant: str, adapters: tuple = ()) -> CacheRun | None:
         if self.group.rank == 0:
-            run = self.cache.begin(pipe, model, request, seed, tenant)
+            run = self.cache.begin(pipe, model, request, seed, tenant, adapters)
             self.group.share((run is not None, run.hit if run else None))
             return run
         used, hit = self.group.share()
         if not used:
             return None
         # No request: this rank captures and stores nothing (rank 0 does); it only resumes from the same state.
-        return CacheRun(self.cache, pipe, model, None, seed, Lookup("", np.zeros(0, np.float32), hit=hit))
+        return CacheRun(self.cache, pipe, model, None, seed, Lookup("", "", np.zeros(0, np.float32), hit=hit))
 
 
 def check_models(specs: list, devices: int) -> None:

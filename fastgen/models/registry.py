@@ -93,6 +93,7 @@ class ModelSpec:
             "size_multiple": self.size_multiple,
             "frame_multiple": self.frame_multiple if self.kind == "video" else None,
             "accelerations": sorted(self.supported_accelerations),
+            "loras": self.pipeline_class in LORA_PIPELINES,
             "sparse_attention": {mode: asdict(d) for mode, d in self.sparse_attention_modes.items()},
         }
 
@@ -207,8 +208,13 @@ class ModelSpec:
         ]
 
     def _lora_errors(self, r: GenerationRequest) -> list[FieldError]:
-        # Refused rather than ignored until the LoRA library exists: a request must get what it asked for.
-        return [FieldError("loras", "LoRA adapters are not available on this service yet")] if r.loras else []
+        if not r.loras:
+            return []
+        if self.pipeline_class not in LORA_PIPELINES:
+            return [FieldError("loras", f"model {self.name!r} ({self.pipeline_class}) does not take LoRA adapters")]
+        if r.accelerate.fuse_qkv:  # the fused projection is built from the base weights alone
+            return [FieldError("accelerate.fuse_qkv", "cannot be combined with loras: it would bypass them")]
+        return []
 
 
 # Pipelines whose denoiser fastgen.parallel splits (UNets by row strips, PixArt and Wan DiTs by token chunks).
@@ -222,6 +228,9 @@ SPLITTABLE_PIPELINES = frozenset(
         "WanPipeline",
     )
 )
+
+# Pipelines whose denoiser takes LoRA adapters through diffusers' hot-swap (tested: Stable Diffusion and Wan).
+LORA_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline", "WanPipeline"})
 
 # Pipelines whose DiT self-attention fastgen.accelerators.sparse_attention can make sparse, the modes each accepts
 # and their defaults. The window's 1/32 density is Re-ttention's 3.1% (evaluated there on PixArt); the others are

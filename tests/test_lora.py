@@ -1,0 +1,197 @@
+"""LoRA library and hot-swapped adapters: per-request LoRAs with no reload, and no trace once a request is done."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastgen.engine import Engine
+from fastgen.errors import InvalidRequest
+from fastgen.lora.library import LoraLibrary
+from fastgen.lora.synthetic import random_lora, write_lora
+from fastgen.request import GenerationRequest, parse_request
+from fastgen.settings import Limits
+
+CAPTION = "a red circle at the top left on a blue background"
+SHAPES = {"prompt": CAPTION, "model": "fastgen-shapes", "steps": 6, "seed": 3}
+
+
+def pixels(generation) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in generation.images]).astype(np.float64)
+
+
+def lora_report(generation) -> dict:
+    (report,) = [a.details for a in generation.result.accelerations if a.name == "loras"]
+    return report
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, engine):
+    """Adapters for fastgen-shapes (diffusers and Kohya files of the same weights, other ranks and targets), one made
+    for tiny-sd, one with text-encoder layers, one corrupt."""
+    folder = tmp_path_factory.mktemp("loras")
+    shapes_unet = engine.pool.get(engine.registry.resolve("fastgen-shapes"))[0].pipe.unet
+    sd_unet = engine.pool.get(engine.registry.resolve("tiny-sd"))[0].pipe.unet
+    write_lora(folder / "style.safetensors", random_lora(shapes_unet, 8, seed=1), base="fastgen-shapes")
+    write_lora(folder / "style-kohya.safetensors", random_lora(shapes_unet, 8, seed=1, kohya=True))
+    for i in range(3):
+        other = random_lora(shapes_unet, 4, seed=10 + i, targets=("to_q", "to_v"))
+        write_lora(folder / f"other{i}.safetensors", other)
+    write_lora(folder / "wide.safetensors", random_lora(shapes_unet, 16, seed=20, targets=("to_q", "ff.net.2")))
+    write_lora(folder / "for-tiny-sd.safetensors", random_lora(sd_unet, 4, seed=30))
+    with_text = random_lora(shapes_unet, 4, seed=40) | {"text_encoder.x.lora_A.weight": torch.zeros(4, 8)}
+    write_lora(folder / "with-text.safetensors", with_text)
+    (folder / "corrupt.safetensors").write_bytes((folder / "style.safetensors").read_bytes()[:5000])
+    (folder / "not a name.safetensors").write_bytes(b"")  # a request could never name it
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_engine(settings, lora_dir):
+    """An engine with its own pipelines (LoRA layers stay out of the session's shared pool) and slots for 3."""
+    return Engine(dataclasses.replace(settings, lora_slots=4), loras=LoraLibrary(lora_dir))
+
+
+def test_the_library_describes_each_file_from_its_header(lora_dir):
+    library = LoraLibrary(lora_dir)
+    listing = {entry["name"]: entry for entry in library.listing()}
+    assert set(listing) == {
+        "style", "style-kohya", "other0", "other1", "other2", "wide", "for-tiny-sd", "with-text", "corrupt"
+    }  # fmt: skip
+    style, kohya = listing["style"], listing["style-kohya"]
+    assert (style["format"], kohya["format"]) == ("peft", "kohya")
+    assert style["rank"] == kohya["rank"] == 8 and style["layers"] == kohya["layers"] > 0
+    assert "attn1.to_q" in style["targets"] and style["base"] == "fastgen-shapes"
+    assert kohya["base"] == "cross-attention 64"  # inferred from the cross-attention width
+    assert listing["wide"]["rank"] == 16 and "ff.net.2" in listing["wide"]["targets"]
+    assert style["size_bytes"] == (lora_dir / "style.safetensors").stat().st_size and len(style["sha256"]) == 64
+    assert listing["with-text"]["text_encoder_layers"] == 1
+    assert "error" in listing["corrupt"] and "path" not in style
+
+
+def test_an_unknown_name_is_rejected_with_what_the_library_has(lora_dir):
+    with pytest.raises(InvalidRequest, match="loras.name: unknown LoRA 'nope'; the library has: corrupt, for-tiny-sd"):
+        LoraLibrary(lora_dir).get("nope")
+
+
+@pytest.mark.parametrize("name", ["../style", "style/../style", "/etc/passwd", "..", "a\\b"])
+def test_path_like_names_never_reach_the_library(lora_dir, name):
+    with pytest.raises(InvalidRequest, match="loras.0.name: must be 1-128 letters, digits"):
+        parse_request({"prompt": "x", "loras": [{"name": name}]}, Limits())
+    with pytest.raises(InvalidRequest, match="unknown LoRA"):
+        LoraLibrary(lora_dir).get(name)
+
+
+def test_a_request_without_loras_after_one_with_them_gets_the_base_models_pixels(lora_engine):
+    base = pixels(lora_engine.run(SHAPES))
+    with_lora = lora_engine.run({**SHAPES, "loras": [{"name": "style"}, {"name": "other0", "scale": 0.5}]})
+    assert np.abs(pixels(with_lora) - base).mean() > 1.0
+    assert np.array_equal(pixels(lora_engine.run(SHAPES)), base)
+
+
+def test_scale_changes_the_output_monotonically(lora_engine):
+    base = pixels(lora_engine.run(SHAPES))
+    distances = [
+        np.abs(pixels(lora_engine.run({**SHAPES, "loras": [{"name": "style", "scale": s}]})) - base).mean()
+        for s in (0.25, 0.5, 1.0, 2.0)
+    ]
+    assert distances == sorted(distances) and distances[0] > 0, distances
+
+
+def test_kohya_and_diffusers_files_of_one_adapter_give_the_same_image(lora_engine):
+    peft = pixels(lora_engine.run({**SHAPES, "loras": [{"name": "style"}]}))
+    kohya = pixels(lora_engine.run({**SHAPES, "loras": [{"name": "style-kohya"}]}))
+    assert np.array_equal(peft, kohya)
+
+
+def test_a_hot_swapped_adapter_equals_a_fresh_load(lora_engine, lora_dir):
+    from diffusers import StableDiffusionPipeline
+
+    for name in ("other1", "wide", "other2", "style", "other0"):  # cycle more adapters than there are free slots
+        lora_engine.run({**SHAPES, "loras": [{"name": name, "scale": 0.7}]})
+    swapped = lora_engine.run({**SHAPES, "loras": [{"name": "wide", "scale": 0.7}, {"name": "other1"}]})
+    source = lora_engine.registry.source(lora_engine.registry.resolve(SHAPES["model"]))
+    pipe = StableDiffusionPipeline.from_pretrained(source)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora_dir / "wide.safetensors"), adapter_name="wide")
+    pipe.load_lora_weights(str(lora_dir / "other1.safetensors"), adapter_name="other1")
+    pipe.set_adapters(["wide", "other1"], [0.7, 1.0])
+    fresh = pipe(
+        SHAPES["prompt"],
+        num_inference_steps=SHAPES["steps"],
+        guidance_scale=2.5,
+        width=32,
+        height=32,
+        generator=torch.Generator("cpu").manual_seed(SHAPES["seed"]),
+    ).images
+    assert np.array_equal(pixels(swapped), np.stack([np.asarray(i) for i in fresh]).astype(np.float64))
+
+
+def test_resident_adapters_are_reused_and_the_least_recently_used_is_replaced(lora_engine):
+    slots = lora_engine.pool.get(lora_engine.registry.resolve(SHAPES["model"]))[0].adapters
+    lora_engine.run({**SHAPES, "loras": [{"name": "style"}]})
+    again = lora_report(lora_engine.run({**SHAPES, "loras": [{"name": "style"}]}))
+    assert again["adapters"][0]["resident"] is True and "swap_s" not in again["adapters"][0]
+    for name in ("other0", "other1", "other2", "wide"):  # four slots: style is now the least recently used
+        lora_engine.run({**SHAPES, "loras": [{"name": name}]})
+    assert ("style", slots.library.get("style").sha256) not in slots.holding.values()
+    assert lora_report(lora_engine.run({**SHAPES, "loras": [{"name": "style"}]}))["adapters"][0]["resident"] is False
+
+
+def test_removing_every_adapter_layer_restores_the_plain_pipeline(lora_engine):
+    base = pixels(lora_engine.run(SHAPES))
+    loaded = lora_engine.pool.get(lora_engine.registry.resolve(SHAPES["model"]))[0]
+    lora_engine.run({**SHAPES, "loras": [{"name": "wide"}]})
+    loaded.adapters.unload()
+    assert not any("lora" in name for name, _ in loaded.pipe.unet.named_modules())
+    assert np.array_equal(pixels(lora_engine.run(SHAPES)), base)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("corrupt", "loras\\[0\\].name: LoRA 'corrupt' is unusable: unreadable safetensors file"),
+        ("for-tiny-sd", "loras\\[0\\].name: LoRA 'for-tiny-sd' .* does not fit this model: layer .*: shapes"),
+        ("with-text", "loras\\[0\\].name: LoRA 'with-text' adapts the text encoder"),
+    ],
+)
+def test_a_corrupt_or_incompatible_file_fails_only_its_request(lora_engine, name, message):
+    base = pixels(lora_engine.run(SHAPES))
+    with pytest.raises(InvalidRequest, match=message):
+        lora_engine.run({**SHAPES, "loras": [{"name": name}]})
+    assert np.array_equal(pixels(lora_engine.run(SHAPES)), base)
+    assert lora_report(lora_engine.run({**SHAPES, "loras": [{"name": "style"}]}))["adapters"][0]["name"] == "style"
+
+
+def test_models_without_lora_support_and_fused_projections_are_refused_at_the_door(lora_engine):
+    with pytest.raises(InvalidRequest, match="loras: model 'tiny-pixart' .* does not take LoRA adapters"):
+        lora_engine.prepare({"prompt": "x", "model": "tiny-pixart", "loras": [{"name": "style"}]})
+    with pytest.raises(InvalidRequest, match="accelerate.fuse_qkv: cannot be combined with loras"):
+        lora_engine.prepare({**SHAPES, "loras": [{"name": "style"}], "accelerate": {"fuse_qkv": True}})
+    with pytest.raises(InvalidRequest, match="loras: lists the same adapter twice"):
+        lora_engine.prepare({**SHAPES, "loras": [{"name": "style"}, {"name": "style", "scale": 0.5}]})
+
+
+def test_an_adapter_loaded_in_the_background_is_applied_by_step_k(settings, lora_dir):
+    engine = Engine(dataclasses.replace(settings, lora_apply_by_step=3), loras=LoraLibrary(lora_dir))
+    waited = engine.run({**SHAPES, "loras": [{"name": "style"}]})  # the first use builds the slots
+    (item,) = lora_report(waited)["adapters"]
+    assert 1 <= item["applied_at_step"] <= 3 and item["resident"] is False
+    resident = lora_report(engine.run({**SHAPES, "loras": [{"name": "style"}]}))["adapters"][0]
+    assert resident["resident"] is True and "applied_at_step" not in resident  # resident: on from the first step
+    sync = Engine(settings, loras=LoraLibrary(lora_dir)).run({**SHAPES, "loras": [{"name": "style"}]})
+    assert np.array_equal(pixels(engine.run({**SHAPES, "loras": [{"name": "style"}]})), pixels(sync))
+
+
+def test_the_cache_tells_a_changed_file_from_the_one_it_replaced(settings, lora_dir, tmp_path, engine):
+    from fastgen.cache.approximate import compatibility_key
+
+    pipe = engine.pool.get(engine.registry.resolve("fastgen-shapes"))[0].pipe
+    request = GenerationRequest(**SHAPES, loras=[{"name": "style"}])
+    before = compatibility_key("fastgen-shapes", pipe, request, (("style", "a" * 64, 1.0),))
+    after = compatibility_key("fastgen-shapes", pipe, request, (("style", "b" * 64, 1.0),))
+    assert json.dumps(before) != json.dumps(after)
