@@ -112,6 +112,12 @@ def create_api(
     def models(tenant: str = Depends(tenant_of)) -> list[dict]:
         return [queue.registry.resolve(name).capabilities() for name in queue.models]
 
+    @app.get("/v1/loras")
+    def loras(tenant: str = Depends(tenant_of)) -> list[dict]:
+        """The LoRA library (rescanned, so files copied in since are listed): name, format, rank, base, checksum."""
+        queue.loras.scan()
+        return queue.loras.listing()
+
     @app.get("/v1/schema")
     def schema() -> dict:
         return request_schema(settings.limits)

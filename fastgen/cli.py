@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="sparse attention: share of tokens each query attends to (default: model's)",
     )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME[:SCALE]",
+        help="a LoRA from the library (FASTGEN_LORA_DIR, or the service's), scale 1 unless given; repeatable",
+    )
     gen.add_argument("--json", action="store_true", help="print the result metadata as JSON")
     gen.add_argument("--url", help="run on a fastgen service at this URL instead of in this process")
     gen.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"), help="key for --url (FASTGEN_API_KEY)")
@@ -110,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the built-in models and their capabilities")
     models.add_argument("--json", action="store_true")
     models.set_defaults(command=list_models)
+
+    loras = commands.add_parser("loras", help="list the LoRA library (FASTGEN_LORA_DIR, or a service's with --url)")
+    loras.add_argument("--json", action="store_true")
+    loras.add_argument("--url", help="list the LoRAs of the fastgen service at this URL")
+    loras.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"), help="key for --url (FASTGEN_API_KEY)")
+    loras.set_defaults(command=list_loras)
 
     schema = commands.add_parser("schema", help="print the request JSON schema with this service's limits")
     schema.set_defaults(command=print_schema)
@@ -180,6 +193,8 @@ def request_from_args(args: argparse.Namespace) -> dict:
                 "output", f"unknown file type {suffix or '(none)'}; use one of {', '.join(sorted(FORMAT_BY_SUFFIX))}"
             )
         request["output_format"] = FORMAT_BY_SUFFIX[suffix]
+    if args.lora:
+        request["loras"] = [lora_from_arg(text) for text in args.lora]
     cache = {"enabled": None if args.cache is None else args.cache == "on", "min_similarity": args.min_similarity}
     request["accelerate"] = {"fuse_qkv": args.fuse_qkv, "cache": cache}
     if args.sparse_attention or args.sparse_density is not None:
@@ -187,6 +202,15 @@ def request_from_args(args: argparse.Namespace) -> dict:
         sparse = {"mode": args.sparse_attention or "off", "density": args.sparse_density}
         request["accelerate"]["sparse_attention"] = sparse
     return request
+
+
+def lora_from_arg(text: str) -> dict:
+    """``NAME`` or ``NAME:SCALE`` as a request's LoRA entry."""
+    name, _, scale = text.partition(":")
+    try:
+        return {"name": name, "scale": float(scale)} if scale else {"name": name}
+    except ValueError:
+        raise InvalidRequest.one("lora", f"the scale after ':' must be a number, got {scale!r}") from None
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -253,6 +277,30 @@ def list_models(args: argparse.Namespace, settings: Settings) -> int:
             f"{cap['name']:<14} {cap['kind']:<6} {cap['architecture']:<5} {size:<12} "
             f"accelerations: {', '.join(cap['accelerations']) or '-'}{default}"
         )
+    return 0
+
+
+def list_loras(args: argparse.Namespace, settings: Settings) -> int:
+    if args.url:
+        from fastgen.client import FastgenClient
+
+        with FastgenClient(args.url, api_key=args.api_key) as client:
+            listing = client.loras()
+    else:
+        from fastgen.lora.library import LoraLibrary
+
+        listing = LoraLibrary(settings.lora_dir, host_bytes=0).listing()
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    if not listing:
+        print(f"no LoRAs (put .safetensors files in {settings.lora_dir if not args.url else 'the service library'})")
+    for lora in listing:
+        if "error" in lora:
+            print(f"{lora['name']:<24} unusable: {lora['error']}")
+            continue
+        size = f"{lora['size_bytes'] / 2**20:.1f} MiB"
+        print(f"{lora['name']:<24} {lora['format']:<5} rank {lora['rank']:<4} {lora['base']:<18} {size:>10}")
     return 0
 
 

@@ -55,6 +55,10 @@ class FastgenClient:
     def models(self) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/models")
 
+    def loras(self) -> list[dict[str, Any]]:
+        """The service's LoRA library: one entry per adapter (or its error, for an unreadable file)."""
+        return self._json("GET", "/v1/loras")
+
     def wait(
         self,
         job_id: str,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastgen.engine import Engine
 from fastgen.errors import InvalidRequest
@@ -195,3 +197,55 @@ def test_the_cache_tells_a_changed_file_from_the_one_it_replaced(settings, lora_
     before = compatibility_key("fastgen-shapes", pipe, request, (("style", "a" * 64, 1.0),))
     after = compatibility_key("fastgen-shapes", pipe, request, (("style", "b" * 64, 1.0),))
     assert json.dumps(before) != json.dumps(after)
+
+
+@pytest.fixture(scope="module")
+def lora_service(redis_url, tmp_path_factory, lora_dir):
+    """An API and one fastgen-shapes worker with two pool processes, on Redis, serving the LoRA library."""
+    from services import Api, Process, service_env
+
+    data_dir = tmp_path_factory.mktemp("lora-service")
+    env = service_env(data_dir, broker_url=redis_url, lora_dir=str(lora_dir), models="fastgen-shapes")
+    worker = Process(["worker", "--models", "fastgen-shapes", "--concurrency", "2"], env, data_dir / "worker.log")
+    api = Api(env, data_dir / "api.log")
+    yield api
+    api.stop()
+    worker.stop()
+
+
+def service_pixels(client, job_id: str) -> np.ndarray:
+    status = client.wait(job_id, timeout_s=180, poll_s=0.05)
+    assert status["status"] == "succeeded", status
+    return np.asarray(Image.open(io.BytesIO(client.result_bytes(job_id)[0]))).astype(np.float64)
+
+
+@pytest.mark.timeout(300)
+def test_the_service_lists_the_library_and_refuses_unknown_names_at_the_door(lora_service):
+    from fastgen.client import ServiceError
+
+    with lora_service.client() as client:
+        names = {entry["name"] for entry in client.loras()}
+        assert {"style", "other0", "corrupt"} <= names
+        for name, words in (("nope", "the library has: corrupt, for-tiny-sd"), ("../style", "letters, digits")):
+            with pytest.raises(ServiceError) as error:
+                client.submit({**SHAPES, "loras": [{"name": name}]})
+            assert error.value.status_code == 422 and words in str(error.value.detail), error.value.detail
+
+
+@pytest.mark.timeout(300)
+def test_concurrent_jobs_with_different_loras_on_one_worker_each_get_their_own(lora_service, lora_engine):
+    asked = [[{"name": "style"}], [{"name": "other0", "scale": 2.0}], [], [{"name": "wide"}, {"name": "other1"}]]
+    with lora_service.client() as client:
+        jobs = [client.submit({**SHAPES, "loras": loras}) for loras in asked]  # two run at a time
+        for job, loras in zip(jobs, asked, strict=True):
+            expected = pixels(lora_engine.run({**SHAPES, "loras": loras}))[0]
+            assert np.abs(service_pixels(client, job["id"]) - expected).max() <= 2, loras
+
+
+@pytest.mark.timeout(300)
+def test_an_incompatible_file_fails_its_job_and_the_worker_keeps_serving(lora_service):
+    with lora_service.client() as client:
+        failed = client.wait(client.submit({**SHAPES, "loras": [{"name": "for-tiny-sd"}]})["id"], timeout_s=180)
+        assert failed["status"] == "failed" and "LoRA 'for-tiny-sd'" in failed["error"], failed
+        assert "does not fit this model" in failed["error"]
+        service_pixels(client, client.submit({**SHAPES, "loras": [{"name": "style"}]})["id"])

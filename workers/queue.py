@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from fastgen.errors import FastgenError, InvalidRequest
 from fastgen.jobs import JobRecord, JobStore, StoreUnavailable, open_job_store
+from fastgen.lora.library import LoraLibrary
 from fastgen.models.registry import ModelRegistry
 from fastgen.request import GenerationRequest, GenerationResult, parse_request
 from fastgen.settings import Settings
@@ -73,8 +74,11 @@ class JobQueue:
         celery: Celery | None = None,
         jobs: JobStore | None = None,
         registry: ModelRegistry | None = None,
+        loras: LoraLibrary | None = None,
     ):
         self.settings = settings
+        # The door only names adapters; the workers read their tensors, so nothing is pre-read here.
+        self.loras = loras or LoraLibrary(settings.lora_dir, host_bytes=0)
         self.registry = registry or ModelRegistry(settings.model_dir)
         self.models = settings.served_models(self.registry.names())
         self.celery = celery or create_celery(settings, self.models)
@@ -86,7 +90,10 @@ class JobQueue:
         model = request.model or self.settings.default_model
         if model not in self.models:
             raise InvalidRequest.one("model", f"{model!r} is not served here; served models: {', '.join(self.models)}")
-        return self.registry.resolve(model).complete(request)
+        request = self.registry.resolve(model).complete(request)
+        for i, lora in enumerate(request.loras):
+            self.loras.get(lora.name, f"loras[{i}]")  # unknown or unusable: a 422 that lists the library
+        return request
 
     def submit(self, payload: Any, tenant: str) -> JobRecord:
         request = self.validate(payload)
