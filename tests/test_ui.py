@@ -60,13 +60,19 @@ def test_the_form_leaves_blanks_to_the_model_and_sends_video_fields_only_to_vide
     }
     video = form._replace(random_seed=True, accelerate=(False, False)).request({"kind": "video"})
     assert video["seed"] is None and video["num_frames"] == 9 and video["fps"] == 8 and "accelerate" not in video
+    with_loras = form._replace(loras=["ink", "paper"], lora_scale=0.5)
+    assert with_loras.request({"kind": "image", "loras": True})["loras"] == [
+        {"name": "ink", "scale": 0.5},
+        {"name": "paper", "scale": 0.5},
+    ]
+    assert "loras" not in with_loras.request({"kind": "image"})  # a model without LoRA support gets none
 
 
 def test_capabilities_decide_the_controls_video_fields_and_usable_accelerations():
     caps = {"name": "m", "kind": "image", "architecture": "dit", "size_multiple": 16, "accelerations": []}
     caps["defaults"] = {"width": 64, "height": 32, "steps": 5, "guidance": 2.0, "num_frames": None, "fps": None}
     page = Page("http://127.0.0.1:1")
-    info, width, height, steps, guidance, video_row, frames, fps, fuse_qkv, cache = page.model_controls(
+    info, width, height, steps, guidance, video_row, frames, fps, fuse_qkv, cache, loras = page.model_controls(
         Session({"m": caps}), "m"
     )
     assert width["value"] == 64 and width["step"] == 16 and video_row["visible"] is False
@@ -74,10 +80,11 @@ def test_capabilities_decide_the_controls_video_fields_and_usable_accelerations(
         fuse_qkv["interactive"] is False and fuse_qkv["value"] is False and "Not available for m" in fuse_qkv["info"]
     )
     assert cache["interactive"] is False
-    caps = {**caps, "kind": "video", "frame_multiple": 4, "accelerations": ["fuse_qkv"]}
-    *_, video_row, frames, fps, fuse_qkv, cache = page.model_controls(Session({"m": caps}), "m")
+    assert loras["interactive"] is False and loras["value"] == [] and "Not available for m" in loras["info"]
+    caps = {**caps, "kind": "video", "frame_multiple": 4, "accelerations": ["fuse_qkv"], "loras": True}
+    *_, video_row, frames, fps, fuse_qkv, cache, loras = page.model_controls(Session({"m": caps}), "m")
     assert video_row["visible"] is True and frames["info"] == "4·k + 1" and fuse_qkv["interactive"] is True
-    assert cache["interactive"] is False
+    assert cache["interactive"] is False and loras["interactive"] is True
 
 
 def test_progress_and_problems_read_as_sentences():
@@ -91,7 +98,7 @@ def test_progress_and_problems_read_as_sentences():
 
 def test_a_service_that_is_down_is_a_readable_message():
     page = Page(f"http://127.0.0.1:{free_port()}")
-    _, _, problem = page.load_models(Session())
+    _, _, problem, _, _ = page.load_models(Session())
     assert "cannot be reached" in problem and "Traceback" not in problem
 
 
@@ -121,9 +128,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def service(browser, tmp_path_factory):
-    """`fastgen serve` with one worker on the embedded queue, serving an image and a video model."""
+def service(browser, tmp_path_factory, engine):
+    """`fastgen serve` with one worker on the embedded queue, serving an image and a video model and one LoRA."""
+    from fastgen.lora.synthetic import random_lora, write_lora
+
     data_dir = tmp_path_factory.mktemp("ui-service")
+    unet = engine.pool.get(engine.registry.resolve("tiny-sd"))[0].pipe.unet  # the same seeded build as the service's
+    write_lora(data_dir / "loras" / "ink.safetensors", random_lora(unet, 4, seed=5), base="tiny-sd")
     env = service_env(data_dir, job_timeout_s="60", models="tiny-sd,tiny-wan")
     env["GRADIO_ANALYTICS_ENABLED"] = "False"
     api = Api(env, data_dir / "serve.log", workers=1)
@@ -185,6 +196,18 @@ def test_type_a_prompt_generate_and_see_the_image(page):
     assert page.locator("#downloads a").count() >= 1
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+
+
+def test_pick_a_lora_generate_and_see_it_in_the_metadata(page):
+    choose_model(page, "tiny-sd")
+    page.locator("#loras input").click()
+    page.get_by_role("option", name="ink").click()
+    page.keyboard.press("Escape")
+    page.locator("#prompt textarea").fill("a red circle in ink")
+    page.locator("#generate").click()
+    page.wait_for_function("() => document.querySelector('#metadata')?.innerText.includes('ink')", timeout=WAIT_MS)
+    metadata = page.locator("#metadata").inner_text()
+    assert "LoRAs" in metadata and "ink × 1" in metadata and "swapped in" in metadata, metadata
 
 
 def test_pick_the_video_model_generate_and_see_the_player(page):

@@ -55,6 +55,8 @@ ACCELERATIONS = (
     ),
 )
 
+LORA_INFO = "Adapters from the service's LoRA library, all at the scale beside; swapped in without reloading."
+
 CSS = """
 .fg-progress { margin: 4px 0 8px; }
 .fg-track { height: 10px; border-radius: 5px; background: var(--neutral-200); overflow: hidden; }
@@ -92,6 +94,8 @@ class Form(NamedTuple):
     random_seed: bool
     frames: float | None
     fps: float | None
+    loras: tuple[str, ...] | list[str] | None = ()
+    lora_scale: float | None = 1.0
     accelerate: tuple[bool, ...] = ()
 
     def request(self, caps: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +107,9 @@ class Form(NamedTuple):
         request["seed"] = None if self.random_seed or self.seed is None else int(self.seed)
         if caps.get("kind") == "video":
             request |= _present(num_frames=self.frames, fps=self.fps)
+        if self.loras and caps.get("loras"):
+            scale = 1.0 if self.lora_scale is None else float(self.lora_scale)
+            request["loras"] = [{"name": name, "scale": scale} for name in self.loras]
         chosen = {c.name: c.turned_on for c, on in zip(ACCELERATIONS, self.accelerate, strict=True) if on}
         return request | ({"accelerate": chosen} if chosen else {})
 
@@ -120,21 +127,23 @@ class Page:
             logger.exception("the page failed")
         return problem_html(*problem_text(exc, self.api_url))
 
-    def load_models(self, session: Session) -> tuple[Session, Any, str]:
-        """The model picker's choices, from the service's model listing."""
+    def load_models(self, session: Session) -> tuple[Session, Any, str, Any, Any]:
+        """The model picker's choices, from the service's model listing, and the LoRA picker's, from its library."""
         try:
             models = self.client.models()
+            loras = [entry["name"] for entry in self.client.loras() if "error" not in entry]
         except Exception as exc:
-            return session, gr.update(choices=[], value=None), self.problem(exc)
+            return session, gr.update(choices=[], value=None), self.problem(exc), gr.skip(), gr.skip()
         session.models = {m["name"]: m for m in models}
         names = list(session.models)
-        return session, gr.update(choices=names, value=names[0] if names else None), ""
+        picked = gr.update(choices=names, value=names[0] if names else None)
+        return session, picked, "", gr.update(choices=loras, value=[]), gr.update(visible=bool(loras))
 
     def model_controls(self, session: Session, name: str | None) -> list[Any]:
         """Defaults and visibility for the chosen model: size step, video fields, usable accelerations."""
         caps = session.models.get(name or "")
         if caps is None:
-            return [gr.update()] * (8 + len(ACCELERATIONS))
+            return [gr.update()] * (9 + len(ACCELERATIONS))
         d, video = caps["defaults"], caps["kind"] == "video"
         step = caps.get("size_multiple") or 8
         frames_info = f"{caps['frame_multiple']}·k + 1" if video and caps.get("frame_multiple") else None
@@ -149,6 +158,7 @@ class Page:
             gr.update(value=d.get("num_frames"), info=frames_info),
             gr.update(value=d.get("fps") or 8),
             *(_acceleration_update(control, control.name in usable, name) for control in ACCELERATIONS),
+            _lora_update(bool(caps.get("loras")), name),
         ]
 
     def submit(self, session: Session, *values: Any) -> list[Any]:
@@ -234,6 +244,12 @@ def _acceleration_update(control: AccelerationControl, usable: bool, model: str 
     return gr.update(interactive=False, value=False, info=f"{control.explanation} Not available for {model}.")
 
 
+def _lora_update(usable: bool, model: str | None) -> Any:
+    if usable:
+        return gr.update(interactive=True, info=LORA_INFO)
+    return gr.update(interactive=False, value=[], info=f"{LORA_INFO} Not available for {model}.")
+
+
 def _cancel(enabled: bool) -> Any:
     return gr.update(interactive=enabled)
 
@@ -279,8 +295,10 @@ def _form() -> dict[str, Any]:
     with gr.Row(visible=False, elem_id="video-controls") as f["video_row"]:
         f["frames"] = gr.Number(label="Frames", precision=0, elem_id="frames")
         f["fps"] = gr.Slider(1, 60, value=8, step=1, label="Frames per second", elem_id="fps")
-    # The LoRA picker fills from the service's LoRA listing once it has one; until then it stays hidden.
-    gr.Dropdown(label="LoRA adapters", choices=[], multiselect=True, visible=False, elem_id="loras")
+    # The LoRA picker fills from the service's library; hidden while the library is empty.
+    with gr.Row(visible=False, elem_id="lora-controls") as f["lora_row"]:
+        f["loras"] = gr.Dropdown(label="LoRA adapters", choices=[], multiselect=True, info=LORA_INFO, elem_id="loras")
+        f["lora_scale"] = gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA scale", elem_id="lora-scale")
     with gr.Group(elem_id="accelerations"):
         gr.Markdown("**Acceleration**: each one only where the chosen model can use it.")
         f["accelerate"] = [
@@ -308,12 +326,13 @@ def _results() -> dict[str, Any]:
 def _wire(blocks: gr.Blocks, page: Page, session, f: dict[str, Any], r: dict[str, Any], history, timer) -> None:
     quick = {"concurrency_limit": None, "show_progress": "hidden"}  # HTTP calls only: no reason to queue behind others
     model_outputs = [f["model_info"], f["width"], f["height"], f["steps"], f["guidance"], f["video_row"]]
-    model_outputs += [f["frames"], f["fps"], *f["accelerate"]]
-    blocks.load(page.load_models, [session], [session, f["model"], f["problem"]], **quick)
+    model_outputs += [f["frames"], f["fps"], *f["accelerate"], f["loras"]]
+    loaded = [session, f["model"], f["problem"], f["loras"], f["lora_row"]]
+    blocks.load(page.load_models, [session], loaded, **quick)
     f["model"].change(page.model_controls, [session, f["model"]], model_outputs, **quick)
     f["random_seed"].change(lambda on: gr.update(interactive=not on), [f["random_seed"]], [f["seed"]], **quick)
     inputs = [session, f["prompt"], f["negative"], f["model"], f["width"], f["height"], f["steps"], f["guidance"]]
-    inputs += [f["seed"], f["random_seed"], f["frames"], f["fps"], *f["accelerate"]]
+    inputs += [f["seed"], f["random_seed"], f["frames"], f["fps"], f["loras"], f["lora_scale"], *f["accelerate"]]
     submitted = [session, f["problem"], r["progress"], history, timer, f["cancel"]]
     f["generate"].click(page.submit, inputs, submitted, **quick)
     results = [r["gallery"], r["video"], r["downloads"], r["metadata"], r["result"]]

@@ -100,7 +100,8 @@ def metadata_html(job: Job | None) -> str:
         ("steps", str(r["steps"])),
         ("device", escape(str(r.get("device", "")))),
         ("time", _timings(r.get("timings", {}))),
-        ("accelerations", _accelerations(r.get("accelerations", []))),
+        ("LoRAs", _loras(r.get("accelerations", []))),
+        ("accelerations", _accelerations([a for a in r.get("accelerations", []) if a["name"] != "loras"])),
     ]
     body = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in rows)
     return f'<table class="fg-meta">{body}</table>'
@@ -118,6 +119,19 @@ def _accelerations(reports: list[dict[str, Any]]) -> str:
     if not reports:
         return "none"
     return "; ".join(f"<b>{escape(a['name'])}</b>{_pairs(a.get('config'))}{_pairs(a.get('details'))}" for a in reports)
+
+
+def _loras(reports: list[dict[str, Any]]) -> str:
+    report = next((a for a in reports if a["name"] == "loras"), None)
+    if report is None:
+        return "none"
+    return ", ".join(_lora(item) for item in report["details"].get("adapters", []))
+
+
+def _lora(item: dict[str, Any]) -> str:
+    how = "resident" if item.get("resident") else f"swapped in ({item.get('swap_s', 0) * 1000:.0f} ms)"
+    late = f", on from step {item['applied_at_step']}" if "applied_at_step" in item else ""
+    return f"<b>{escape(item['name'])}</b> &times; {_short(float(item['scale']))} ({how}{late})"
 
 
 def _pairs(values: dict[str, Any] | None) -> str:
