@@ -46,7 +46,7 @@ def test_the_ui_package_does_not_import_torch():
 
 
 def test_the_form_leaves_blanks_to_the_model_and_sends_video_fields_only_to_video_models():
-    form = Form("a cat", "", "tiny-sd", 64.0, None, 4.0, 7.5, 3.0, False, 9.0, 8.0, accelerate=(True, True))
+    form = Form("a cat", "", "tiny-sd", 64.0, None, 4.0, 7.5, 3.0, False, 9.0, 8.0, accelerate=(True, True, True))
     request = form.request({"kind": "image"})
     assert request == {
         "prompt": "a cat",
@@ -56,9 +56,9 @@ def test_the_form_leaves_blanks_to_the_model_and_sends_video_fields_only_to_vide
         "steps": 4,
         "guidance": 7.5,
         "seed": 3,
-        "accelerate": {"fuse_qkv": True, "cache": {"enabled": True}},
+        "accelerate": {"fuse_qkv": True, "cache": {"enabled": True}, "sparse_attention": {"mode": "window"}},
     }
-    video = form._replace(random_seed=True, accelerate=(False, False)).request({"kind": "video"})
+    video = form._replace(random_seed=True, accelerate=(False, False, False)).request({"kind": "video"})
     assert video["seed"] is None and video["num_frames"] == 9 and video["fps"] == 8 and "accelerate" not in video
     with_loras = form._replace(loras=["ink", "paper"], lora_scale=0.5)
     assert with_loras.request({"kind": "image", "loras": True})["loras"] == [
@@ -72,19 +72,20 @@ def test_capabilities_decide_the_controls_video_fields_and_usable_accelerations(
     caps = {"name": "m", "kind": "image", "architecture": "dit", "size_multiple": 16, "accelerations": []}
     caps["defaults"] = {"width": 64, "height": 32, "steps": 5, "guidance": 2.0, "num_frames": None, "fps": None}
     page = Page("http://127.0.0.1:1")
-    info, width, height, steps, guidance, video_row, frames, fps, fuse_qkv, cache, loras = page.model_controls(
-        Session({"m": caps}), "m"
-    )
+    controls = page.model_controls(Session({"m": caps}), "m")
+    info, width, height, steps, guidance, video_row, frames, fps, fuse_qkv, cache, sparse, loras = controls
     assert width["value"] == 64 and width["step"] == 16 and video_row["visible"] is False
     assert (
         fuse_qkv["interactive"] is False and fuse_qkv["value"] is False and "Not available for m" in fuse_qkv["info"]
     )
-    assert cache["interactive"] is False
+    assert cache["interactive"] is False and sparse["interactive"] is False
     assert loras["interactive"] is False and loras["value"] == [] and "Not available for m" in loras["info"]
-    caps = {**caps, "kind": "video", "frame_multiple": 4, "accelerations": ["fuse_qkv"], "loras": True}
-    *_, video_row, frames, fps, fuse_qkv, cache, loras = page.model_controls(Session({"m": caps}), "m")
+    caps = {**caps, "kind": "video", "frame_multiple": 4, "accelerations": ["fuse_qkv", "sparse_attention"]}
+    *_, video_row, frames, fps, fuse_qkv, cache, sparse, loras = page.model_controls(
+        Session({"m": {**caps, "loras": True}}), "m"
+    )
     assert video_row["visible"] is True and frames["info"] == "4·k + 1" and fuse_qkv["interactive"] is True
-    assert cache["interactive"] is False and loras["interactive"] is True
+    assert cache["interactive"] is False and sparse["interactive"] is True and loras["interactive"] is True
 
 
 def test_progress_and_problems_read_as_sentences():
@@ -225,6 +226,13 @@ def test_pick_the_video_model_generate_and_see_the_player(page):
     )
     assert page.locator("#video video").evaluate("v => [v.videoWidth, v.videoHeight]") == [128, 128]
     assert "9 frames" in page.locator("#metadata").inner_text()
+    page.locator("#accel-sparse_attention input[type=checkbox]").check()
+    set_number(page, "frames", 5)
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#metadata')?.innerText.includes('sparse_attention')", timeout=WAIT_MS
+    )
+    assert "5 frames" in page.locator("#metadata").inner_text()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui-video.png"), full_page=True)
 

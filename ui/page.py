@@ -53,6 +53,12 @@ ACCELERATIONS = (
         "Start from a similar earlier prompt's half-finished image and skip its first steps: faster, approximate.",
         {"enabled": True},
     ),
+    AccelerationControl(
+        "sparse_attention",
+        "Sparse attention",
+        "Each query attends to a window of nearby tokens (about 3%), rescaled to stay close to dense: DiTs only.",
+        {"mode": "window"},
+    ),
 )
 
 LORA_INFO = "Adapters from the service's LoRA library, all at the scale beside; swapped in without reloading."
