@@ -203,6 +203,9 @@ def _join(rank: int, devices: int, port: int, settings: Settings) -> RankGroup:
 
 
 def _rank_settings(settings: Settings, rank: int, devices: int) -> Settings:
+    # Every rank must run every step with the same weights: a LoRA swapped in the background could come on at a
+    # different step on each rank, so ranks swap before the first step.
+    settings = dataclasses.replace(settings, lora_apply_by_step=0)
     if torch.cuda.is_available() and settings.device != "cpu":
         return dataclasses.replace(settings, device=f"cuda:{rank}")
     # The worker's thread budget (OMP_NUM_THREADS, which `fastgen serve` sets per worker, else every core) is shared
