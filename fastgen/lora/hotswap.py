@@ -51,10 +51,9 @@ class Layout:
 
 @dataclass
 class Converted:
-    """One adapter made ready for a slot: diffusers' own input (the file's tensors) and its layout in PEFT names."""
+    """One adapter checked against the denoiser: the library's description and its layout in PEFT names."""
 
     info: LoraInfo
-    tensors: dict[str, torch.Tensor]
     layout: Layout
 
 
@@ -111,6 +110,7 @@ class AdapterSlots:
         self.swaps = 0
         self.rebuilds = 0
         self._zero: dict[str, torch.Tensor] = {}  # the all-zero adapter every slot starts as
+        self._layouts: dict[tuple[str, str], Layout] = {}  # (name, sha256) -> its layout: converted once
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-swap")
 
     def activate(self, adapters: list[tuple[LoraInfo, float]], apply_by_step: int = 0) -> ActiveLoras:
@@ -154,13 +154,16 @@ class AdapterSlots:
 
     def convert(self, info: LoraInfo, field: str) -> Converted:
         """The adapter in PEFT names, checked against this denoiser's layers (a clear error when it does not fit)."""
-        tensors = self.library.tensors(info)
+        layout = self._layouts.get((info.name, info.sha256))
+        if layout is not None:
+            return Converted(info, layout)
         try:
-            state = type(self.pipe).lora_state_dict(dict(tensors))  # copies: diffusers pops converted keys
+            state = type(self.pipe).lora_state_dict(dict(self.library.tensors(info)))  # a copy: diffusers pops keys
         except Exception as exc:
             raise LoraError(f"{field}.name", f"LoRA {info.name!r} is not a LoRA diffusers can read: {exc}") from exc
         state = state[0] if isinstance(state, tuple) else state
-        return Converted(info, tensors, self._layout_of(info, field, state))
+        layout = self._layouts[info.name, info.sha256] = self._layout_of(info, field, state)
+        return Converted(info, layout)
 
     def _layout_of(self, info: LoraInfo, field: str, state: dict[str, torch.Tensor]) -> Layout:
         from diffusers.utils import convert_unet_state_dict_to_peft
@@ -259,7 +262,7 @@ class AdapterSlots:
     def _swap(self, slot: str, c: Converted) -> None:
         self.holding[slot] = None  # until the swap is complete, the slot holds nothing anyone may reuse
         try:
-            self.pipe.load_lora_weights(dict(c.tensors), adapter_name=slot, hotswap=True)
+            self.pipe.load_lora_weights(dict(self.library.tensors(c.info)), adapter_name=slot, hotswap=True)
         except Exception as exc:
             if slot not in getattr(self.denoiser, "peft_config", {}):  # diffusers drops an adapter it failed to swap
                 self.pipe.load_lora_weights(self._zero_copy(), adapter_name=slot)
