@@ -44,6 +44,8 @@ def lora_dir(tmp_path_factory, engine):
         other = random_lora(shapes_unet, 4, seed=10 + i, targets=("to_q", "to_v"))
         write_lora(folder / f"other{i}.safetensors", other)
     write_lora(folder / "wide.safetensors", random_lora(shapes_unet, 16, seed=20, targets=("to_q", "ff.net.2")))
+    half_alpha = random_lora(shapes_unet, 6, seed=21, kohya=True, alpha=3.0, strength=2.0)  # alpha / rank = 0.5
+    write_lora(folder / "half-alpha.safetensors", half_alpha)
     write_lora(folder / "for-tiny-sd.safetensors", random_lora(sd_unet, 4, seed=30))
     with_text = random_lora(shapes_unet, 4, seed=40) | {"text_encoder.x.lora_A.weight": torch.zeros(4, 8)}
     write_lora(folder / "with-text.safetensors", with_text)
@@ -62,7 +64,8 @@ def test_the_library_describes_each_file_from_its_header(lora_dir):
     library = LoraLibrary(lora_dir)
     listing = {entry["name"]: entry for entry in library.listing()}
     assert set(listing) == {
-        "style", "style-kohya", "other0", "other1", "other2", "wide", "for-tiny-sd", "with-text", "corrupt"
+        "style", "style-kohya", "other0", "other1", "other2", "wide", "half-alpha", "for-tiny-sd", "with-text",
+        "corrupt",
     }  # fmt: skip
     style, kohya = listing["style"], listing["style-kohya"]
     assert (style["format"], kohya["format"]) == ("peft", "kohya")
@@ -110,18 +113,26 @@ def test_kohya_and_diffusers_files_of_one_adapter_give_the_same_image(lora_engin
     assert np.array_equal(peft, kohya)
 
 
-def test_a_hot_swapped_adapter_equals_a_fresh_load(lora_engine, lora_dir):
+@pytest.mark.parametrize(
+    "loras",
+    [
+        [{"name": "wide", "scale": 0.7}, {"name": "other1"}],  # rank 16 and rank 4 (padded) together
+        [{"name": "half-alpha"}],  # Kohya, alpha half its rank (6: not the slots' rank either)
+        [{"name": "half-alpha", "scale": 0.5}, {"name": "style"}],
+    ],
+)
+def test_a_hot_swapped_adapter_equals_a_fresh_load(lora_engine, lora_dir, loras):
     from diffusers import StableDiffusionPipeline
 
     for name in ("other1", "wide", "other2", "style", "other0"):  # cycle more adapters than there are free slots
         lora_engine.run({**SHAPES, "loras": [{"name": name, "scale": 0.7}]})
-    swapped = lora_engine.run({**SHAPES, "loras": [{"name": "wide", "scale": 0.7}, {"name": "other1"}]})
+    swapped = lora_engine.run({**SHAPES, "loras": loras})
     source = lora_engine.registry.source(lora_engine.registry.resolve(SHAPES["model"]))
     pipe = StableDiffusionPipeline.from_pretrained(source)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(lora_dir / "wide.safetensors"), adapter_name="wide")
-    pipe.load_lora_weights(str(lora_dir / "other1.safetensors"), adapter_name="other1")
-    pipe.set_adapters(["wide", "other1"], [0.7, 1.0])
+    for lora in loras:
+        pipe.load_lora_weights(str(lora_dir / f"{lora['name']}.safetensors"), adapter_name=lora["name"])
+    pipe.set_adapters([lora["name"] for lora in loras], [lora.get("scale", 1.0) for lora in loras])
     fresh = pipe(
         SHAPES["prompt"],
         num_inference_steps=SHAPES["steps"],

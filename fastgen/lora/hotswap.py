@@ -7,9 +7,10 @@ add-on modules close to the model and loads them asynchronously so that a reques
   adapter of the library adapts, at the library's highest rank (diffusers' ``enable_lora_hotswap(target_rank)``
   first), so any library adapter fits any slot: switching is diffusers' ``load_lora_weights(..., hotswap=True)``,
   a copy into tensors that already exist, and a compiled denoiser is never recompiled.
-- Slots are kept least-recently-used: a request whose adapters are resident only chooses them and their scales
-  (``set_adapters``); a request without adapters turns them all off (``disable_lora``), which runs every adapted
-  layer's base layer alone: the base model's pixels exactly.
+- Slots are kept least-recently-used: a request whose adapters are resident only chooses them and their scales,
+  each only in the layers its adapter adapts (a slot covers every layer of the library; the others hold zeros and
+  would cost compute for nothing); a request without adapters turns them all off, which runs every adapted layer's
+  base layer alone: the base model's pixels exactly.
 - Optionally (``apply_by_step`` > 0) an adapter that is not resident is swapped into a free, inactive slot by a
   background thread while denoising starts, and switched on at the first step end after it is ready, at step
   ``apply_by_step`` at the latest (waiting there if need be). The report says at which step it was applied.
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fastgen.lora.library import LoraError, LoraInfo, LoraLibrary
 
@@ -111,6 +113,8 @@ class AdapterSlots:
         self.rebuilds = 0
         self._zero: dict[str, torch.Tensor] = {}  # the all-zero adapter every slot starts as
         self._layouts: dict[tuple[str, str], Layout] = {}  # (name, sha256) -> its layout: converted once
+        self.layers: dict[str, BaseTunerLayer] = {}  # the denoiser's adapter layers, by module name
+        self.scalings: dict[str, dict[str, float]] = {}  # slot -> layer -> its adapter's alpha / rank there
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-swap")
 
     def activate(self, adapters: list[tuple[LoraInfo, float]], apply_by_step: int = 0) -> ActiveLoras:
@@ -136,21 +140,32 @@ class AdapterSlots:
         return active
 
     def choose(self, chosen: list[tuple[str, float]]) -> None:
-        if not chosen:
-            self.switch_off()
-            return
-        self.pipe.enable_lora()
-        self.pipe.set_adapters([slot for slot, _ in chosen], [scale for _, scale in chosen])
+        """Switch on ``chosen`` (slot, scale) and nothing else, each only in the layers its adapter adapts.
+
+        Done per adapted layer rather than with diffusers' ``set_adapters``: that walks every module of the pipeline
+        and recomputes each scale from the *slot's* alpha and rank (the zero adapter's), losing the adapter's own.
+        Here each scale is the request's times the adapter's alpha / rank, as the swap left it.
+        """
+        for name, layer in self.layers.items():
+            on = [(slot, scale) for slot, scale in chosen if name in self.scalings[slot]]
+            if not on:
+                layer.enable_adapters(False)
+                continue
+            layer.enable_adapters(True)
+            layer.set_adapter([slot for slot, _ in on])
+            for slot, scale in on:
+                _set_scaling(layer, slot, scale * self.scalings[slot][name])
 
     def switch_off(self) -> None:
-        if self.layout is not None:
-            self.pipe.disable_lora()
+        """Every adapted layer runs its base layer alone: the base model exactly."""
+        for layer in self.layers.values():
+            layer.enable_adapters(False)
 
     def unload(self) -> None:
         """Take every adapter layer out of the denoiser: the pipeline as it was before any LoRA."""
         if self.layout is not None:
             self.pipe.unload_lora_weights()
-        self.layout, self.holding = None, OrderedDict()
+        self.layout, self.holding, self.layers, self.scalings = None, OrderedDict(), {}, {}
 
     def convert(self, info: LoraInfo, field: str) -> Converted:
         """The adapter in PEFT names, checked against this denoiser's layers (a clear error when it does not fit)."""
@@ -232,7 +247,9 @@ class AdapterSlots:
             self.pipe.load_lora_weights(self._zero_copy(), adapter_name=slot)
             self.holding[slot] = None
         self.layout = layout
-        self.pipe.disable_lora()
+        self.layers = {name: m for name, m in self.denoiser.named_modules() if isinstance(m, BaseTunerLayer)}
+        self.scalings = {slot: {} for slot in self.holding}
+        self.switch_off()
 
     def _zero_copy(self) -> dict[str, torch.Tensor]:
         # Fresh tensors per slot: diffusers may keep the given tensors as the slot's parameters, and slots sharing
@@ -266,11 +283,21 @@ class AdapterSlots:
         except Exception as exc:
             if slot not in getattr(self.denoiser, "peft_config", {}):  # diffusers drops an adapter it failed to swap
                 self.pipe.load_lora_weights(self._zero_copy(), adapter_name=slot)
-                self.pipe.disable_lora()
+                self.switch_off()
             raise LoraError("loras", f"LoRA {c.info.name!r} could not be swapped in: {exc}") from exc
+        # The swap set each adapted layer's scaling to the adapter's alpha / rank: kept, since choosing scales it.
+        self.scalings[slot] = {name: float(self.layers[name].scaling[slot]) for name in c.layout.shapes}
         self.holding[slot] = (c.info.name, c.info.sha256)
         self.holding.move_to_end(slot)
         self.swaps += 1
+
+
+def _set_scaling(layer: BaseTunerLayer, slot: str, value: float) -> None:
+    # A tensor (after enable_lora_hotswap) is filled in place, so a compiled denoiser sees no new constant.
+    if isinstance(layer.scaling[slot], torch.Tensor):
+        layer.scaling[slot].fill_(value)
+    else:
+        layer.scaling[slot] = value
 
 
 def _pair_shapes(layer: torch.nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:

@@ -22,11 +22,13 @@ def random_lora(
     kohya: bool = False,
     prefix: str = "unet",
     strength: float = 1.0,
+    alpha: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """A LoRA state dict for every Linear layer of ``denoiser`` whose name ends in one of ``targets``.
 
     The update ``B @ A`` of each layer is scaled to about ``strength`` times a typical entry of the layer's own
-    weight, so adapters visibly change the output without swamping it.
+    weight, so adapters visibly change the output without swamping it. Kohya files carry ``alpha`` (default: the
+    rank, a scale of 1); the update is then multiplied by alpha / rank when applied.
     """
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -41,7 +43,7 @@ def random_lora(
             tensors |= {
                 f"{key}.lora_down.weight": down,
                 f"{key}.lora_up.weight": up,
-                f"{key}.alpha": torch.tensor(float(rank)),
+                f"{key}.alpha": torch.tensor(float(alpha or rank)),
             }
         else:
             tensors |= {f"{prefix}.{name}.lora_A.weight": down, f"{prefix}.{name}.lora_B.weight": up}
