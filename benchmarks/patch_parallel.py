@@ -90,7 +90,9 @@ def apply(pipe, groups: ParallelGroups):
     return split(pipe, groups, guidance_on=True)
 
 
-def timed_generate(pipe, args, size: int) -> tuple[np.ndarray, float, list[float]]:
+def timed_generate(pipe, args, size: int, decode: bool = True) -> tuple[np.ndarray | None, float, list[float]]:
+    """One image, its seconds and each denoiser call's; ``decode=False`` stops at the latents, as the ranks after
+    the first do in a multi-device worker."""
     extra = {"use_resolution_binning": False, "clean_caption": False} if args.model == "pixart" else {}
     with denoiser_step_times(denoiser(pipe), torch.device(args.device)) as calls:
         started = time.perf_counter()
@@ -101,11 +103,11 @@ def timed_generate(pipe, args, size: int) -> tuple[np.ndarray, float, list[float
             num_inference_steps=args.steps,
             guidance_scale=GUIDANCE[args.model],
             generator=torch.Generator().manual_seed(args.seed),
-            output_type="np",
+            output_type="np" if decode else "latent",
             **extra,
         ).images[0]
         seconds = time.perf_counter() - started
-    return to_uint8(image), seconds, list(calls)
+    return (to_uint8(image) if decode else None), seconds, list(calls)
 
 
 def rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict:
@@ -134,7 +136,7 @@ def rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict:
             for mode in MODES:
                 handle = apply(pipe, groups[mode])
                 try:
-                    image, seconds, calls = timed_generate(pipe, args, size)
+                    image, seconds, calls = timed_generate(pipe, args, size, decode=rank == 0)
                 finally:
                     handle.remove()
                 rows[mode].append((image, seconds, calls, handle.report()))

@@ -209,11 +209,13 @@ class Engine:
         cancel: CancelFlag | None = None,
         result_id: str | None = None,
         tenant: str = "public",
+        decode: bool = True,
     ) -> Generation:
         """Generate what ``request`` asks for. Raises InvalidRequest, ModelLoadError or Cancelled.
 
         ``result_id`` names the result (a job's id, so a redelivered job overwrites its own artifacts);
-        ``tenant`` partitions the approximate cache.
+        ``tenant`` partitions the approximate cache. ``decode=False`` stops at the latents (no images or frames): for
+        the ranks of a multi-device worker that only help rank 0 denoise.
         """
         started = time.perf_counter()
         spec, request = self.prepare(request)
@@ -223,7 +225,7 @@ class Engine:
         monitor = StepMonitor(request.steps, on_step, cancel)
         monitor.check_cancel()
         with loaded.lock:
-            output, reports = self._generate(loaded, request, seed, tenant, monitor, adapters)
+            output, reports = self._generate(loaded, request, seed, tenant, monitor, adapters, decode)
         finished = time.perf_counter()
         result = GenerationResult(
             id=result_id or uuid.uuid4().hex,
@@ -239,13 +241,13 @@ class Engine:
             timings=_timings(started, load_s, monitor, finished),
             accelerations=reports,
         )
-        return _generation(result, spec, output)
+        return _generation(result, spec, output) if decode else Generation(result)
 
     def adapters(self, request: GenerationRequest) -> list[tuple[LoraInfo, float]]:
         """The request's LoRAs from the library, with their scales; LoraError names an unusable one."""
         return [(self.loras.get(lora.name, f"loras[{i}]"), lora.scale) for i, lora in enumerate(request.loras)]
 
-    def _generate(self, loaded, request, seed, tenant, monitor, adapters) -> tuple[Any, list[AccelerationReport]]:
+    def _generate(self, loaded, request, seed, tenant, monitor, adapters, decode) -> tuple[Any, list]:
         """Look up the cache, switch on the LoRAs, attach the accelerators, run the pipeline, take them off again."""
         pipe, fingerprints = loaded.pipe, tuple((info.name, info.sha256, scale) for info, scale in adapters)
         cached = self.cache.begin(pipe, loaded.spec.name, request, seed, tenant, fingerprints) if self.cache else None
@@ -259,7 +261,8 @@ class Engine:
                 detach_resume, resume_kwargs = cached.resume() if cached else (lambda: None, {})
                 try:
                     monitor.start = time.perf_counter()
-                    output = pipe(**call_kwargs(pipe, loaded.spec, request, seed, monitor) | resume_kwargs)
+                    kwargs = call_kwargs(pipe, loaded.spec, request, seed, monitor) | resume_kwargs
+                    output = pipe(**kwargs | ({} if decode else {"output_type": "latent"}))
                 finally:
                     detach_resume()
                 reports = attached.reports()

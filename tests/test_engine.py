@@ -112,6 +112,14 @@ def test_engine_is_healthy_after_cancellation(engine):
     assert np.array_equal(pixels(engine.run(small())), pixels(engine.run(small())))
 
 
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-wan"])
+def test_a_run_that_stops_at_the_latents_has_the_result_but_no_pixels(engine, model):
+    steps = []
+    latent = engine.run(small(model), on_step=lambda p: steps.append(p.step), decode=False)
+    assert latent.images == [] and latent.frames == [] and steps == [1, 2, 3, 4]
+    assert latent.result.seed == 7 and latent.result.steps == 4
+
+
 def test_model_is_loaded_once_per_engine(engine):
     first = engine.run(small())
     second = engine.run(small())

@@ -219,7 +219,8 @@ def _follow(engine: Engine, group: RankGroup) -> None:
     """Ranks 1..N-1: run every job rank 0 hands over, until it hands over None."""
     while (job := group.share()) is not None:
         try:
-            engine.run(job.payload, cancel=GroupCancel(group), result_id=job.job_id, tenant=job.tenant)
+            # Only rank 0's image is kept: the others stop at the latents rather than decode one to drop it.
+            engine.run(job.payload, cancel=GroupCancel(group), result_id=job.job_id, tenant=job.tenant, decode=False)
         except FastgenError:
             pass  # the same on every rank: rank 0 reports it
         except Exception:
