@@ -148,18 +148,14 @@ class AdapterSlots:
         """
         for name, layer in self.layers.items():
             on = [(slot, scale) for slot, scale in chosen if name in self.scalings[slot]]
-            if not on:
-                layer.enable_adapters(False)
-                continue
-            layer.enable_adapters(True)
-            layer.set_adapter([slot for slot, _ in on])
             for slot, scale in on:
                 _set_scaling(layer, slot, scale * self.scalings[slot][name])
+            _switch(layer, [slot for slot, _ in on])
 
     def switch_off(self) -> None:
         """Every adapted layer runs its base layer alone: the base model exactly."""
         for layer in self.layers.values():
-            layer.enable_adapters(False)
+            _switch(layer, [])
 
     def unload(self) -> None:
         """Take every adapter layer out of the denoiser: the pipeline as it was before any LoRA."""
@@ -290,6 +286,18 @@ class AdapterSlots:
         self.holding[slot] = (c.info.name, c.info.sha256)
         self.holding.move_to_end(slot)
         self.swaps += 1
+
+
+def _switch(layer: BaseTunerLayer, slots: list[str]) -> None:
+    """Run ``slots`` in ``layer``, or its base layer alone when there are none.
+
+    Sets what PEFT's forward reads (its active adapters and its off switch) directly: the public ``set_adapter`` and
+    ``enable_adapters`` also flip ``requires_grad`` on every slot's parameters, which inference never reads and
+    which made switching cost tens of milliseconds on an SD-1.5 UNet.
+    """
+    if slots:
+        layer._active_adapter = slots
+    layer._disable_adapters = not slots
 
 
 def _set_scaling(layer: BaseTunerLayer, slot: str, value: float) -> None:
