@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fastgen.cache.approximate import ApproximateCache
+    from fastgen.cache.embedder import DoorEmbedder
     from fastgen.settings import Settings
 
 
@@ -39,3 +40,12 @@ def open_cache(settings: Settings) -> ApproximateCache | None:
     )
     store = open_cache_store(settings.broker_url, settings.data_dir, settings.cache_url)
     return ApproximateCache(config, store, StateFiles(settings.cache_url))
+
+
+def open_door_embedder(settings: Settings) -> DoorEmbedder | None:
+    """The workers' cache embedder, for the door; None when the cache is off or embeds with the pipeline."""
+    if settings.cache_bytes == 0 or settings.cache_embedder == "pipeline":
+        return None
+    from fastgen.cache.embedder import DoorEmbedder
+
+    return DoorEmbedder(settings.cache_embedder, settings.cache_default)

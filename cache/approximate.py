@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fastgen.cache import resume
-from fastgen.cache.embedder import Embedder, PipelineEmbedder, load_sentence_embedder
+from fastgen.cache.embedder import Embedder, PipelineEmbedder, PromptEmbedding, load_sentence_embedder
 from fastgen.cache.index import IndexKind, VectorIndex
 from fastgen.cache.policy import CachePolicy
 from fastgen.cache.states import StateFiles
@@ -68,6 +68,7 @@ class Lookup:
     hit: Hit | None = None
     reason: str = ""
     seconds: float = 0.0
+    embedded_at_door: bool = False
 
 
 def compatibility_key(spec_name: str, pipe, request: GenerationRequest, adapters: tuple = ()) -> dict[str, Any]:
@@ -222,11 +223,19 @@ class ApproximateCache:
             return self._embedders[key]
 
     def begin(
-        self, pipe, model: str, request: GenerationRequest, seed: int, tenant: str, adapters: tuple = ()
+        self,
+        pipe,
+        model: str,
+        request: GenerationRequest,
+        seed: int,
+        tenant: str,
+        adapters: tuple = (),
+        embedded: PromptEmbedding | None = None,
     ) -> CacheRun | None:
         """Look the request up; None when the request does not use the cache or the scheduler cannot resume.
 
         ``adapters``: the request's LoRAs as (name, checksum, scale), part of what entries must agree on.
+        ``embedded``: the prompt's vector if the door computed it (used when it comes from this cache's embedder).
         """
         if not self.enabled_for(request):
             return None
@@ -234,19 +243,28 @@ class ApproximateCache:
         if reason is not None:
             return CacheRun.unusable(self, model, reason)
         try:
-            lookup = self.lookup(pipe, model, request, tenant, adapters)
+            lookup = self.lookup(pipe, model, request, tenant, adapters, embedded)
         except Exception as exc:  # the cache is an optimisation: never fail a job for it
             logger.exception("cache lookup failed; running uncached")
             return CacheRun.unusable(self, model, f"cache unavailable: {type(exc).__name__}")
         return CacheRun(self, pipe, model, request, seed, lookup)
 
-    def lookup(self, pipe, model: str, request: GenerationRequest, tenant: str, adapters: tuple = ()) -> Lookup:
+    def lookup(
+        self,
+        pipe,
+        model: str,
+        request: GenerationRequest,
+        tenant: str,
+        adapters: tuple = (),
+        embedded: PromptEmbedding | None = None,
+    ) -> Lookup:
         started = time.perf_counter()
         embedder = self.embedder(pipe, model)
         owner = SHARED if self.config.share_across_tenants else f"tenant:{tenant}"
         partition = digest([owner, embedder.name, compatibility_key(model, pipe, request, adapters)])
-        vector = embedder.embed(request.prompt)
-        lookup = Lookup(partition, prompt_key(request.prompt), vector)
+        at_door = embedded is not None and embedded.usable_for(embedder, request.prompt)
+        vector = embedded.vector if at_door else embedder.embed(request.prompt)
+        lookup = Lookup(partition, prompt_key(request.prompt), vector, embedded_at_door=at_door)
         self.index.sync()
         policy, steps = self.config.policy, request.steps
         floor = max(policy.lowest_similarity, request.accelerate.cache.min_similarity or 0.0)
@@ -379,4 +397,5 @@ class CacheRun:
         else:
             report["reason"] = self.lookup.reason
         report["lookup_s"] = round(self.lookup.seconds, 6)
+        report["embedded_at_door"] = self.lookup.embedded_at_door
         return report

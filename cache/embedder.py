@@ -11,12 +11,16 @@ Two kinds, chosen by name (``FASTGEN_CACHE_EMBEDDER``):
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class Embedder(Protocol):
@@ -32,6 +36,34 @@ def normalise(vector: np.ndarray) -> np.ndarray:
     if norm == 0.0 or not np.isfinite(norm):
         raise ValueError("embedding has no direction (zero or non-finite norm)")
     return vector / norm
+
+
+@dataclass(frozen=True)
+class PromptEmbedding:
+    """A prompt's vector computed before its job reached a worker (at the service's door), named by its embedder.
+
+    The door has idle CPU while a job waits in the queue; a worker given this skips embedding and spends its time on
+    diffusion. A worker uses it only when its own embedder has the same name and the vector is for this prompt.
+    """
+
+    embedder: str
+    prompt: str
+    vector: np.ndarray
+
+    def message(self) -> dict[str, Any]:
+        """JSON for the job message."""
+        return {"embedder": self.embedder, "prompt": self.prompt, "vector": self.vector.tolist()}
+
+    @classmethod
+    def from_message(cls, data: Any) -> PromptEmbedding | None:
+        """The embedding a job message carries; None for a missing or malformed one (the worker embeds instead)."""
+        try:
+            return cls(str(data["embedder"]), str(data["prompt"]), normalise(np.asarray(data["vector"], np.float32)))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def usable_for(self, embedder: Embedder, prompt: str) -> bool:
+        return self.embedder == embedder.name and self.prompt == prompt
 
 
 MAX_TOKENS = 77  # what a CLIP text encoder reads: words past it never reach the image, so they should not match
@@ -102,3 +134,40 @@ def load_sentence_embedder(name: str) -> SentenceEmbedder:
     if name == "minilm":
         embedder.name = "sentence-transformers:all-MiniLM-L6-v2"
     return embedder
+
+
+class DoorEmbedder:
+    """Embeds the prompts of cached requests where jobs are submitted, so workers need not.
+
+    For sentence-transformers embedders only (the pipeline embedder needs the model, which only workers load).
+    Loaded at the first cached request; if it cannot load, the door stops trying and the workers embed.
+    """
+
+    def __init__(self, name: str, default_on: bool):
+        self.name, self.default_on = name, default_on
+        self._embedder: SentenceEmbedder | None = None
+        self._unavailable = False
+        self._lock = threading.Lock()
+
+    def embed(self, prompt: str, cache_wanted: bool | None) -> PromptEmbedding | None:
+        """The prompt's embedding when the request uses the cache; None otherwise or when the door cannot embed."""
+        if not (self.default_on if cache_wanted is None else cache_wanted):
+            return None
+        embedder = self._load()
+        if embedder is None:
+            return None
+        try:
+            return PromptEmbedding(embedder.name, prompt, embedder.embed(prompt))
+        except Exception:  # the worker embeds instead: never refuse a job for an optimisation
+            logger.exception("embedding a prompt at the door failed; the worker will embed it")
+            return None
+
+    def _load(self) -> SentenceEmbedder | None:
+        with self._lock:
+            if self._embedder is None and not self._unavailable:
+                try:
+                    self._embedder = load_sentence_embedder(self.name)
+                except Exception as exc:
+                    self._unavailable = True
+                    logger.warning("cache embedder %r not available at the door (%s); workers embed", self.name, exc)
+            return self._embedder

@@ -32,6 +32,7 @@ from fastgen.settings import Settings
 
 if TYPE_CHECKING:
     from fastgen.cache.approximate import ApproximateCache
+    from fastgen.cache.embedder import PromptEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -210,12 +211,14 @@ class Engine:
         result_id: str | None = None,
         tenant: str = "public",
         decode: bool = True,
+        embedded: PromptEmbedding | None = None,
     ) -> Generation:
         """Generate what ``request`` asks for. Raises InvalidRequest, ModelLoadError or Cancelled.
 
         ``result_id`` names the result (a job's id, so a redelivered job overwrites its own artifacts);
         ``tenant`` partitions the approximate cache. ``decode=False`` stops at the latents (no images or frames): for
-        the ranks of a multi-device worker that only help rank 0 denoise.
+        the ranks of a multi-device worker that only help rank 0 denoise. ``embedded``: the prompt's cache vector
+        when the door computed it.
         """
         started = time.perf_counter()
         spec, request = self.prepare(request)
@@ -225,7 +228,7 @@ class Engine:
         monitor = StepMonitor(request.steps, on_step, cancel)
         monitor.check_cancel()
         with loaded.lock:
-            output, reports = self._generate(loaded, request, seed, tenant, monitor, adapters, decode)
+            output, reports = self._generate(loaded, request, seed, tenant, monitor, adapters, decode, embedded)
         finished = time.perf_counter()
         result = GenerationResult(
             id=result_id or uuid.uuid4().hex,
@@ -247,10 +250,14 @@ class Engine:
         """The request's LoRAs from the library, with their scales; LoraError names an unusable one."""
         return [(self.loras.get(lora.name, f"loras[{i}]"), lora.scale) for i, lora in enumerate(request.loras)]
 
-    def _generate(self, loaded, request, seed, tenant, monitor, adapters, decode) -> tuple[Any, list]:
+    def _generate(self, loaded, request, seed, tenant, monitor, adapters, decode, embedded) -> tuple[Any, list]:
         """Look up the cache, switch on the LoRAs, attach the accelerators, run the pipeline, take them off again."""
         pipe, fingerprints = loaded.pipe, tuple((info.name, info.sha256, scale) for info, scale in adapters)
-        cached = self.cache.begin(pipe, loaded.spec.name, request, seed, tenant, fingerprints) if self.cache else None
+        cached = (
+            self.cache.begin(pipe, loaded.spec.name, request, seed, tenant, fingerprints, embedded)
+            if self.cache
+            else None
+        )
         if cached:
             monitor.skipped = cached.skipped
             monitor.hooks.append(cached.on_step)

@@ -14,6 +14,7 @@ from conftest import small
 from services import service_env
 
 from fastgen.cache.approximate import ApproximateCache, CacheConfig, inherits_fairly, may_start_from
+from fastgen.cache.embedder import DoorEmbedder, PromptEmbedding
 from fastgen.cache.index import VectorIndex
 from fastgen.cache.policy import FASTGEN, NIRVANA, CachePolicy
 from fastgen.cache.states import StateFiles
@@ -79,6 +80,46 @@ def test_near_duplicate_starts_at_the_expected_k_and_runs_the_remaining_steps(en
     assert report["hit"] and report["k"] == k > 0 and report["start_seed"] == 5
     assert steps == [(step, 25) for step in range(k + 1, 26)]  # only N-K steps ran
     assert hit.result.steps == 25
+
+
+def test_a_prompt_embedded_at_the_door_is_used_as_is_and_gives_the_same_image(engine, tmp_path):
+    door = DoorEmbedder("minilm", default_on=False)
+    worker = cached_engine(engine, make_cache(tmp_path / "worker"))
+    helped = cached_engine(engine, make_cache(tmp_path / "helped"))
+    embedder = helped.cache.embedder(None, "fastgen-shapes")
+    embedded_by_worker = []
+    embed = embedder.embed
+    embedder.embed = lambda text: embedded_by_worker.append(text) or embed(text)
+    for prompt in (CAPTION, NEAR_DUPLICATE):  # a miss that stores, then a hit on it
+        alone = worker.run({"prompt": prompt, **SHAPES})
+        with_door = helped.run({"prompt": prompt, **SHAPES}, embedded=door.embed(prompt, cache_wanted=True))
+        assert cache_report(with_door)["embedded_at_door"] and not cache_report(alone)["embedded_at_door"]
+        assert cache_report(with_door)["hit"] == cache_report(alone)["hit"] == (prompt == NEAR_DUPLICATE)
+        assert np.array_equal(pixels(alone), pixels(with_door))
+    assert embedded_by_worker == []
+    # A vector for another prompt, or from another embedder, is not trusted: the worker embeds itself.
+    captioned = door.embed(CAPTION, cache_wanted=True)
+    stranger = PromptEmbedding("sentence-transformers:another-model", "a green square", captioned.vector)
+    for given in (captioned, stranger):
+        report = cache_report(helped.run({"prompt": "a green square", **SHAPES}, embedded=given))
+        assert report["embedded_at_door"] is False
+    assert embedded_by_worker == ["a green square"] * 2
+
+
+def test_the_door_embeds_only_cached_requests_and_gives_way_when_it_cannot(tmp_path, caplog):
+    door = DoorEmbedder("minilm", default_on=False)
+    assert door.embed(CAPTION, cache_wanted=None) is None and door.embed(CAPTION, cache_wanted=False) is None
+    embedded = door.embed(CAPTION, cache_wanted=True)
+    assert embedded.embedder == "sentence-transformers:all-MiniLM-L6-v2" and embedded.prompt == CAPTION
+    assert DoorEmbedder("minilm", default_on=True).embed(CAPTION, cache_wanted=None) is not None
+    received = PromptEmbedding.from_message(json.loads(json.dumps(embedded.message())))
+    assert (received.embedder, received.prompt) == (embedded.embedder, CAPTION)
+    assert np.allclose(received.vector, embedded.vector, atol=1e-6)
+    for malformed in ({"embedder": "x"}, {"embedder": "x", "prompt": "p", "vector": [0, 0]}, "vector", None):
+        assert PromptEmbedding.from_message(malformed) is None
+    missing = DoorEmbedder(str(tmp_path / "no-such-model"), default_on=True)
+    assert missing.embed(CAPTION, None) is None and missing.embed(CAPTION, None) is None
+    assert sum("not available at the door" in r.getMessage() for r in caplog.records) == 1  # tried once
 
 
 def test_a_dissimilar_prompt_misses(engine, minilm_cache_dir):

@@ -34,9 +34,9 @@ def long_job(**fields) -> dict:
 
 @pytest.fixture(scope="module")
 def service(redis_url, tmp_path_factory):
-    """One tiny-sd worker and an open API, both on Redis."""
+    """One tiny-sd worker and an open API, both on Redis; the cache embeds with MiniLM (at the door)."""
     data_dir = tmp_path_factory.mktemp("service")
-    env = service_env(data_dir, broker_url=redis_url, job_timeout_s=JOB_TIMEOUT_S)
+    env = service_env(data_dir, broker_url=redis_url, job_timeout_s=JOB_TIMEOUT_S, cache_embedder="minilm")
     sd_worker = worker(env, data_dir / "worker.log")
     api = Api(env, data_dir / "api.log")
     yield SimpleNamespace(api=api, worker=sd_worker, env=env, data_dir=data_dir, redis=redis.Redis.from_url(redis_url))
@@ -193,7 +193,10 @@ def test_models_health_metrics_and_docs(service, client):
 
 
 def test_approximate_cache_through_the_service(service, client):
-    """Two jobs on the same prompt with the cache on: the second resumes the first's state; /metrics counts it."""
+    """Two jobs on the same prompt with the cache on: the second resumes the first's state; /metrics counts it.
+
+    The API embedded both prompts (the worker used its vectors).
+    """
     request = quick(prompt=f"a cached prompt {uuid.uuid4().hex}", steps=6, accelerate={"cache": {"enabled": True}})
     reports = []
     for _ in range(2):
@@ -203,6 +206,7 @@ def test_approximate_cache_through_the_service(service, client):
         reports.append(report)
     assert reports[0]["hit"] is False and reports[0]["stored_steps"] == [1, 2, 3]
     assert reports[1]["hit"] is True and reports[1]["k"] == 3 and reports[1]["steps_saved"] == 3
+    assert reports[0]["embedded_at_door"] is True and reports[1]["embedded_at_door"] is True
     metrics = httpx.get(f"{service.api.url}/metrics").text
     assert int(metrics.split('fastgen_cache_hits_total{model="tiny-sd"} ')[1].split()[0]) >= 1
 

@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 from fastgen.accelerators import ACCELERATORS
 from fastgen.cache import open_cache
 from fastgen.cache.approximate import CacheRun, Lookup
+from fastgen.cache.embedder import PromptEmbedding
 from fastgen.engine import CancelFlag, Engine, Generation, StepCallback
 from fastgen.errors import FastgenError
 from fastgen.parallel import layout
@@ -89,9 +90,11 @@ class GroupCache:
     def __init__(self, cache, group: RankGroup):
         self.cache, self.group = cache, group
 
-    def begin(self, pipe, model: str, request, seed: int, tenant: str, adapters: tuple = ()) -> CacheRun | None:
+    def begin(
+        self, pipe, model: str, request, seed: int, tenant: str, adapters: tuple = (), embedded=None
+    ) -> CacheRun | None:
         if self.group.rank == 0:
-            run = self.cache.begin(pipe, model, request, seed, tenant, adapters)
+            run = self.cache.begin(pipe, model, request, seed, tenant, adapters, embedded)
             self.group.share((run is not None, run.hit if run else None))
             return run
         used, hit = self.group.share()
@@ -248,12 +251,21 @@ class GroupWorkerContext(WorkerContext):
         self.engine = engine  # overrides the cached single-device engine
         self.group = group
 
-    def run(self, payload: dict, on_step: StepCallback, cancel: CancelFlag, result_id: str, tenant: str) -> Generation:
+    def run(
+        self,
+        payload: dict,
+        on_step: StepCallback,
+        cancel: CancelFlag,
+        result_id: str,
+        tenant: str,
+        embedded: PromptEmbedding | None = None,
+    ) -> Generation:
         payload = _with_seed(payload)
         self.group.share(GroupJob(payload, result_id, tenant))
         try:
+            cancel = GroupCancel(self.group, cancel)
             return self.engine.run(
-                payload, on_step=on_step, cancel=GroupCancel(self.group, cancel), result_id=result_id, tenant=tenant
+                payload, on_step=on_step, cancel=cancel, result_id=result_id, tenant=tenant, embedded=embedded
             )
         except FastgenError:
             raise  # the same on every rank; the group is still in step

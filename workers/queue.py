@@ -16,6 +16,8 @@ from typing import Any, Literal
 from celery import Celery
 from pydantic import BaseModel
 
+from fastgen.cache import open_door_embedder
+from fastgen.cache.embedder import DoorEmbedder
 from fastgen.errors import FastgenError, InvalidRequest
 from fastgen.jobs import JobRecord, JobStore, StoreUnavailable, open_job_store
 from fastgen.lora.library import LoraLibrary
@@ -75,6 +77,7 @@ class JobQueue:
         jobs: JobStore | None = None,
         registry: ModelRegistry | None = None,
         loras: LoraLibrary | None = None,
+        door_embedder: DoorEmbedder | None = None,
     ):
         self.settings = settings
         # The door only names adapters; the workers read their tensors, so nothing is pre-read here.
@@ -83,6 +86,8 @@ class JobQueue:
         self.models = settings.served_models(self.registry.names())
         self.celery = celery or create_celery(settings, self.models)
         self.jobs = jobs or open_job_store(settings.broker_url, settings.data_dir)
+        # Cached requests' prompts are embedded here, while they wait for a worker, not on the worker's clock.
+        self.door_embedder = door_embedder or open_door_embedder(settings)
 
     def validate(self, payload: Any) -> GenerationRequest:
         """The request with the model's defaults filled; InvalidRequest naming each bad field otherwise."""
@@ -98,11 +103,13 @@ class JobQueue:
     def submit(self, payload: Any, tenant: str) -> JobRecord:
         request = self.validate(payload)
         job = JobRecord(uuid.uuid4().hex, tenant, request.model, queue_name(request.model), time.time())
+        embedded = self.door_embedder and self.door_embedder.embed(request.prompt, request.accelerate.cache.enabled)
         with self._reachable():
             self.jobs.add(job)
             self.celery.send_task(
                 TASK_NAME,
                 args=[request.model_dump(mode="json")],
+                kwargs={"embedded": embedded.message()} if embedded else {},
                 task_id=job.id,
                 queue=job.queue,
                 routing_key=job.queue,

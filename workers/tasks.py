@@ -17,6 +17,7 @@ from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
 from fastgen.artifacts import ArtifactStore
 from fastgen.cache import open_cache
+from fastgen.cache.embedder import PromptEmbedding
 from fastgen.engine import CancelFlag, Engine, Generation, Progress, StepCallback
 from fastgen.errors import Cancelled, FastgenError
 from fastgen.jobs import JobStore, open_job_store
@@ -55,8 +56,18 @@ class WorkerContext:
     def jobs(self) -> JobStore:
         return open_job_store(self.settings.broker_url, self.settings.data_dir)
 
-    def run(self, payload: dict, on_step: StepCallback, cancel: CancelFlag, result_id: str, tenant: str) -> Generation:
-        return self.engine.run(payload, on_step=on_step, cancel=cancel, result_id=result_id, tenant=tenant)
+    def run(
+        self,
+        payload: dict,
+        on_step: StepCallback,
+        cancel: CancelFlag,
+        result_id: str,
+        tenant: str,
+        embedded: PromptEmbedding | None = None,
+    ) -> Generation:
+        return self.engine.run(
+            payload, on_step=on_step, cancel=cancel, result_id=result_id, tenant=tenant, embedded=embedded
+        )
 
     def start_process(self, models: list[str], processes: int) -> None:
         """Share the CPU cores among the pool's processes and load the models before the first job."""
@@ -80,11 +91,12 @@ class CancelRequested:
 
 def register_tasks(app: Celery, context: WorkerContext) -> None:
     @app.task(name=TASK_NAME, bind=True)
-    def generate(task: Task, payload: dict) -> dict:
-        return run_job(task, context, payload)
+    def generate(task: Task, payload: dict, embedded: dict | None = None) -> dict:
+        return run_job(task, context, payload, embedded)
 
 
-def run_job(task: Task, context: WorkerContext, payload: dict) -> dict:
+def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | None = None) -> dict:
+    """``embedded``: the prompt's cache vector, when the door computed it (bare Celery submissions have none)."""
     job_id = task.request.id
     attempt = context.jobs.started(job_id)
     logger.info("job %s: attempt %d", job_id, attempt)
@@ -96,6 +108,7 @@ def run_job(task: Task, context: WorkerContext, payload: dict) -> dict:
             cancel=CancelRequested(context.jobs, job_id),
             result_id=job_id,
             tenant=record.tenant if record else "public",  # a bare Celery submission has no record
+            embedded=PromptEmbedding.from_message(embedded) if embedded else None,
         )
         result = context.artifacts.save(generation)
     except GroupBroken as exc:
