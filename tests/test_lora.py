@@ -155,6 +155,23 @@ def test_resident_adapters_are_reused_and_the_least_recently_used_is_replaced(lo
     assert lora_report(lora_engine.run({**SHAPES, "loras": [{"name": "style"}]}))["adapters"][0]["resident"] is False
 
 
+@pytest.mark.parametrize("host_bytes", [4 * 2**30, 0])
+def test_an_adapter_swapped_in_again_is_copied_from_host_memory_and_draws_what_its_first_swap_drew(
+    settings, lora_dir, host_bytes
+):
+    """One slot, two adapters in turn: every swap after an adapter's first is a copy of what diffusers' swap left
+    (none without host memory), and draws the same pixels."""
+    one_slot = dataclasses.replace(settings, lora_slots=1, limits=dataclasses.replace(settings.limits, max_loras=1))
+    engine = Engine(one_slot, loras=LoraLibrary(lora_dir, host_bytes=host_bytes))
+    drawn, how = {}, []
+    for name in ("half-alpha", "style", "half-alpha", "style"):
+        generation = engine.run({**SHAPES, "loras": [{"name": name}]})
+        (adapter,) = lora_report(generation)["adapters"]
+        how.append(adapter["swap"])
+        assert np.array_equal(drawn.setdefault(name, pixels(generation)), pixels(generation))
+    assert how == ["diffusers"] * 2 + ["copy" if host_bytes else "diffusers"] * 2
+
+
 def test_removing_every_adapter_layer_restores_the_plain_pipeline(lora_engine):
     base = pixels(lora_engine.run(SHAPES))
     loaded = lora_engine.pool.get(lora_engine.registry.resolve(SHAPES["model"]))[0]

@@ -7,6 +7,10 @@ add-on modules close to the model and loads them asynchronously so that a reques
   adapter of the library adapts, at the library's highest rank (diffusers' ``enable_lora_hotswap(target_rank)``
   first), so any library adapter fits any slot: switching is diffusers' ``load_lora_weights(..., hotswap=True)``,
   a copy into tensors that already exist, and a compiled denoiser is never recompiled.
+- diffusers' swap walks the whole denoiser on every call (tens of milliseconds on an SD-1.5 UNet, more than the
+  copy itself). So the first swap of an adapter goes through diffusers, which converts its file (Kohya or PEFT keys,
+  alphas), and what it leaves in the slot (each adapted layer's weights and scaling) is kept in host memory; later
+  swaps of that adapter copy it back into the same tensors: the same values, without the walk.
 - Slots are kept least-recently-used: a request whose adapters are resident only chooses them and their scales,
   each only in the layers its adapter adapts (a slot covers every layer of the library; the others hold zeros and
   would cost compute for nothing); a request without adapters turns them all off, which runs every adapted layer's
@@ -57,6 +61,19 @@ class Converted:
 
     info: LoraInfo
     layout: Layout
+
+
+@dataclass(frozen=True)
+class Swapped:
+    """An adapter as diffusers' swap left it in a slot: per adapted layer its lora_A and lora_B weights (at the
+    adapter's own rank; the slot's extra rank is zero) and its scaling (alpha / rank)."""
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scalings: dict[str, float]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
 @dataclass
@@ -115,6 +132,8 @@ class AdapterSlots:
         self._layouts: dict[tuple[str, str], Layout] = {}  # (name, sha256) -> its layout: converted once
         self.layers: dict[str, BaseTunerLayer] = {}  # the denoiser's adapter layers, by module name
         self.scalings: dict[str, dict[str, float]] = {}  # slot -> layer -> its adapter's alpha / rank there
+        # (name, sha256) -> the adapter as swapped, LRU first, within the library's host memory budget
+        self._swapped: OrderedDict[tuple[str, str], Swapped] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-swap")
 
     def activate(self, adapters: list[tuple[LoraInfo, float]], apply_by_step: int = 0) -> ActiveLoras:
@@ -162,6 +181,7 @@ class AdapterSlots:
         if self.layout is not None:
             self.pipe.unload_lora_weights()
         self.layout, self.holding, self.layers, self.scalings = None, OrderedDict(), {}, {}
+        self._swapped.clear()
 
     def convert(self, info: LoraInfo, field: str) -> Converted:
         """The adapter in PEFT names, checked against this denoiser's layers (a clear error when it does not fit)."""
@@ -268,12 +288,27 @@ class AdapterSlots:
 
     def _swap_timed(self, slot: str, c: Converted, report: dict[str, Any]) -> str:
         started = time.perf_counter()
-        self._swap(slot, c)
+        report["swap"] = self._swap(slot, c)
         report["swap_s"] = round(time.perf_counter() - started, 6)
         return slot
 
-    def _swap(self, slot: str, c: Converted) -> None:
+    def _swap(self, slot: str, c: Converted) -> str:
+        """Put ``c`` into ``slot``; says how: ``copy`` (from host memory) or ``diffusers`` (its first swap)."""
+        key = (c.info.name, c.info.sha256)
         self.holding[slot] = None  # until the swap is complete, the slot holds nothing anyone may reuse
+        swapped = self._swapped.get(key)
+        if swapped is not None:
+            self._swapped.move_to_end(key)
+            self._copy_into(slot, swapped)
+        else:
+            self._swap_with_diffusers(slot, c)
+            self._keep(key, slot, c.layout)
+        self.holding[slot] = key
+        self.holding.move_to_end(slot)
+        self.swaps += 1
+        return "diffusers" if swapped is None else "copy"
+
+    def _swap_with_diffusers(self, slot: str, c: Converted) -> None:
         try:
             self.pipe.load_lora_weights(dict(self.library.tensors(c.info)), adapter_name=slot, hotswap=True)
         except Exception as exc:
@@ -283,9 +318,28 @@ class AdapterSlots:
             raise LoraError("loras", f"LoRA {c.info.name!r} could not be swapped in: {exc}") from exc
         # The swap set each adapted layer's scaling to the adapter's alpha / rank: kept, since choosing scales it.
         self.scalings[slot] = {name: float(self.layers[name].scaling[slot]) for name in c.layout.shapes}
-        self.holding[slot] = (c.info.name, c.info.sha256)
-        self.holding.move_to_end(slot)
-        self.swaps += 1
+
+    def _keep(self, key: tuple[str, str], slot: str, layout: Layout) -> None:
+        """Remember what the swap left in ``slot``, within the library's host budget (least recently used dropped)."""
+        weights = {}
+        for name, (a_shape, _) in layout.shapes.items():
+            layer, rank = self.layers[name], a_shape[0]
+            a, b = layer.lora_A[slot].weight, layer.lora_B[slot].weight
+            weights[name] = (a[:rank].detach().to("cpu", copy=True), b[:, :rank].detach().to("cpu", copy=True))
+        self._swapped[key] = Swapped(weights, dict(self.scalings[slot]))
+        while self._swapped and sum(s.nbytes for s in self._swapped.values()) > self.library.host_bytes:
+            self._swapped.popitem(last=False)
+
+    @torch.no_grad()
+    def _copy_into(self, slot: str, swapped: Swapped) -> None:
+        for name, (a, b) in swapped.weights.items():
+            layer, rank = self.layers[name], a.shape[0]
+            target_a, target_b = layer.lora_A[slot].weight, layer.lora_B[slot].weight
+            target_a[:rank].copy_(a)
+            target_a[rank:].zero_()
+            target_b[:, :rank].copy_(b)
+            target_b[:, rank:].zero_()
+        self.scalings[slot] = dict(swapped.scalings)
 
 
 def _switch(layer: BaseTunerLayer, slots: list[str]) -> None:
