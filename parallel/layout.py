@@ -9,7 +9,9 @@ collective: every rank must do it in the same order, so it is not done per reque
 
 A request whose height does not split into the strips it would need is refused with a message naming the height
 and the multiple that works when it asked for parallelism explicitly; otherwise every rank computes the whole
-image (``replicated``, reported with the reason), so a request that did not ask is never failed for it.
+image (``replicated``, reported with the reason), so a request that did not ask is never failed for it. The same
+holds for a DiT request with sparse attention that would be split by tokens: the sparse processors need the whole
+sequence, and the token split's processors would replace them (a CFG split keeps it whole and is fine).
 
 The worker adds :func:`accelerator` to its engine's accelerator table; the engine attaches and removes it like any
 other technique. The patch methods are in :mod:`fastgen.parallel.denoiser` (DistriFusion, Li et al., CVPR 2024,
@@ -42,6 +44,7 @@ class ParallelRequest:
     width: int
     num_frames: int | None
     explicit: bool  # the request named a mode or cfg: refuse rather than fall back
+    sparse_attention: bool = False  # the request's DiT attention is sparse: its tokens must not be split
 
 
 def from_request(request: GenerationRequest, default_mode: PatchMode) -> ParallelRequest:
@@ -54,6 +57,7 @@ def from_request(request: GenerationRequest, default_mode: PatchMode) -> Paralle
         width=request.width,
         num_frames=request.num_frames,
         explicit=options.asked,
+        sparse_attention=request.accelerate.sparse_attention.asked,
     )
 
 
@@ -78,6 +82,11 @@ class RankLayouts:
         """The groups to run this request with, or None and the reason every rank computes it whole."""
         cfg = self._cfg(want, pipe)
         patch = self.world_size // cfg
+        if patch > 1 and want.sparse_attention and not is_unet(pipe):
+            reason = "sparse attention needs every token of the sequence on one rank; a token split would undo it"
+            if want.explicit:
+                raise InvalidRequest.one("accelerate.parallel", f"{reason} (ask for one of them, or for cfg alone)")
+            return None, reason
         reason = _unsplittable(want, pipe, patch) if patch > 1 else ""
         if reason:
             if want.explicit:

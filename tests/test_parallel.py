@@ -187,8 +187,9 @@ def layouts(world_size: int) -> RankLayouts:
     )
 
 
-def wanted(height: int = 256, guidance: float = 5.0, **options) -> layout.ParallelRequest:
-    request = GenerationRequest(prompt="x", height=height, guidance=guidance, accelerate={"parallel": options})
+def wanted(height: int = 256, guidance: float = 5.0, sparse: bool = False, **options) -> layout.ParallelRequest:
+    accelerate = {"parallel": options} | ({"sparse_attention": {"mode": "window"}} if sparse else {})
+    request = GenerationRequest(prompt="x", height=height, guidance=guidance, accelerate=accelerate)
     return layout.from_request(request, default_mode="displaced")
 
 
@@ -219,6 +220,16 @@ def test_a_height_that_does_not_split_runs_whole_unless_parallelism_was_asked_fo
         layouts(2).choose(wanted(height=72, guidance=1.0, mode="sync"), PIPE)
     handle = layouts(2).apply(PIPE, wanted(height=72, guidance=1.0))
     assert handle.report()["replicated"] and handle.report()["reason"] == reason
+
+
+def test_sparse_attention_keeps_a_dit_request_whole_rather_than_split_by_tokens():
+    dit = SimpleNamespace(vae_scale_factor=8)  # no UNet: a token split
+    groups, reason = layouts(2).choose(wanted(guidance=1.0, sparse=True), dit)
+    assert groups is None and "sparse attention needs every token" in reason
+    with pytest.raises(InvalidRequest, match=r"accelerate\.parallel: sparse attention needs every token"):
+        layouts(2).choose(wanted(guidance=1.0, sparse=True, mode="sync"), dit)
+    groups, reason = layouts(2).choose(wanted(guidance=5.0, sparse=True), dit)  # a CFG split keeps tokens whole
+    assert (groups.config.patch, groups.config.cfg) == (1, 2) and reason == ""
 
 
 def test_asking_for_cfg_parallelism_without_guidance_names_the_field():
