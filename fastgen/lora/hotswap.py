@@ -6,7 +6,8 @@ add-on modules close to the model and loads them asynchronously so that a reques
 - A pipeline gets a fixed number of adapter *slots*. Each slot starts as an all-zero adapter over every layer any
   adapter of the library adapts, at the library's highest rank (diffusers' ``enable_lora_hotswap(target_rank)``
   first), so any library adapter fits any slot: switching is diffusers' ``load_lora_weights(..., hotswap=True)``,
-  a copy into tensors that already exist, and a compiled denoiser is never recompiled.
+  a copy into tensors that already exist. (Under ``torch.compile``, which fastgen does not use, each distinct set
+  of active slots would still be its own graph: the choice below sets PEFT's per-layer active adapters.)
 - diffusers' swap walks the whole denoiser on every call (tens of milliseconds on an SD-1.5 UNet, more than the
   copy itself). So the first swap of an adapter goes through diffusers, which converts its file (Kohya or PEFT keys,
   alphas), and what it leaves in the slot (each adapted layer's weights and scaling) is kept in host memory; later
