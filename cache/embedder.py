@@ -56,11 +56,17 @@ class PromptEmbedding:
 
     @classmethod
     def from_message(cls, data: Any) -> PromptEmbedding | None:
-        """The embedding a job message carries; None for a missing or malformed one (the worker embeds instead)."""
+        """The embedding a job message carries; None for a missing or malformed one (the worker embeds instead).
+
+        Kept as sent, not normalised again: the worker then matches with exactly the door's vector.
+        """
         try:
-            return cls(str(data["embedder"]), str(data["prompt"]), normalise(np.asarray(data["vector"], np.float32)))
+            embedder, prompt = str(data["embedder"]), str(data["prompt"])
+            vector = np.asarray(data["vector"], np.float32)
         except (KeyError, TypeError, ValueError):
             return None
+        unit = vector.ndim == 1 and np.isfinite(vector).all() and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
+        return cls(embedder, prompt, vector) if unit else None
 
     def usable_for(self, embedder: Embedder, prompt: str) -> bool:
         return self.embedder == embedder.name and self.prompt == prompt

@@ -114,9 +114,11 @@ def test_the_door_embeds_only_cached_requests_and_gives_way_when_it_cannot(tmp_p
     assert DoorEmbedder("minilm", default_on=True).embed(CAPTION, cache_wanted=None) is not None
     received = PromptEmbedding.from_message(json.loads(json.dumps(embedded.message())))
     assert (received.embedder, received.prompt) == (embedded.embedder, CAPTION)
-    assert np.allclose(received.vector, embedded.vector, atol=1e-6)
-    for malformed in ({"embedder": "x"}, {"embedder": "x", "prompt": "p", "vector": [0, 0]}, "vector", None):
-        assert PromptEmbedding.from_message(malformed) is None
+    assert np.array_equal(received.vector, embedded.vector)  # exactly what the door computed
+    broken = [{"embedder": "x"}, {"embedder": "x", "prompt": "p", "vector": [0, 2]}, "vector", None]
+    broken += [{"embedder": "x", "prompt": "p", "vector": v} for v in ("abc", [[1.0]], [float("nan"), 1.0])]
+    for message in broken:
+        assert PromptEmbedding.from_message(message) is None, message
     missing = DoorEmbedder(str(tmp_path / "no-such-model"), default_on=True)
     assert missing.embed(CAPTION, None) is None and missing.embed(CAPTION, None) is None
     assert sum("not available at the door" in r.getMessage() for r in caplog.records) == 1  # tried once
