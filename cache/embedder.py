@@ -146,7 +146,8 @@ class DoorEmbedder:
     """Embeds the prompts of cached requests where jobs are submitted, so workers need not.
 
     For sentence-transformers embedders only (the pipeline embedder needs the model, which only workers load).
-    Loaded at the first cached request; if it cannot load, the door stops trying and the workers embed.
+    Loaded by ``warm()`` or at the first cached request; if it cannot load, the door stops trying and the workers
+    embed.
     """
 
     def __init__(self, name: str, default_on: bool):
@@ -167,6 +168,14 @@ class DoorEmbedder:
         except Exception:  # the worker embeds instead: never refuse a job for an optimisation
             logger.exception("embedding a prompt at the door failed; the worker will embed it")
             return None
+
+    @property
+    def ready(self) -> bool:
+        return self._embedder is not None
+
+    def warm(self) -> None:
+        """Load in the background, so the first cached request does not wait for it."""
+        threading.Thread(target=self._load, name="door-embedder", daemon=True).start()
 
     def _load(self) -> SentenceEmbedder | None:
         with self._lock:

@@ -62,6 +62,8 @@ def create_api(
     this service's own address) over HTTP like any remote client; without it the app is the API alone.
     """
     queue = queue or JobQueue(settings)
+    if queue.door_embedder is not None:
+        queue.door_embedder.warm()
     artifacts = artifacts or ArtifactStore(settings.artifact_url)
     keys = settings.tenants_by_key
     if not keys:

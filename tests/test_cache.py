@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from conftest import small
-from services import service_env
+from services import service_env, wait_until
 
 from fastgen.cache.approximate import ApproximateCache, CacheConfig, inherits_fairly, may_start_from
 from fastgen.cache.embedder import DoorEmbedder, PromptEmbedding
@@ -109,6 +109,9 @@ def test_a_prompt_embedded_at_the_door_is_used_as_is_and_gives_the_same_image(en
 def test_the_door_embeds_only_cached_requests_and_gives_way_when_it_cannot(tmp_path, caplog):
     door = DoorEmbedder("minilm", default_on=False)
     assert door.embed(CAPTION, cache_wanted=None) is None and door.embed(CAPTION, cache_wanted=False) is None
+    warmed = DoorEmbedder("minilm", default_on=False)
+    warmed.warm()
+    wait_until(lambda: warmed.ready, 60, "the door embedder to load in the background", 0.1)
     embedded = door.embed(CAPTION, cache_wanted=True)
     assert embedded.embedder == "sentence-transformers:all-MiniLM-L6-v2" and embedded.prompt == CAPTION
     assert DoorEmbedder("minilm", default_on=True).embed(CAPTION, cache_wanted=None) is not None
