@@ -172,6 +172,25 @@ def test_an_adapter_swapped_in_again_is_copied_from_host_memory_and_draws_what_i
     assert how == ["diffusers"] * 2 + ["copy" if host_bytes else "diffusers"] * 2
 
 
+def test_a_compiled_denoiser_takes_any_adapters_and_scales_without_recompiling(settings, lora_dir):
+    """After one request per adapter count, new adapters, scales, orders and no adapters add no graph, and each
+    image matches the uncompiled run of the same request."""
+    from torch._dynamo.utils import counters
+
+    engine = Engine(dataclasses.replace(settings, lora_slots=4), loras=LoraLibrary(lora_dir))
+    requests = [[], [{"name": "style"}], [{"name": "half-alpha"}], [{"name": "style", "scale": 0.4}]]
+    requests += [[{"name": "other0"}, {"name": "wide", "scale": 0.7}], [{"name": "wide"}, {"name": "other0"}], []]
+    eager = [pixels(engine.run({**SHAPES, "loras": loras})) for loras in requests]
+    engine.pool.get(engine.registry.resolve(SHAPES["model"]))[0].pipe.unet.compile()
+    for loras in ([], [{"name": "other1"}], [{"name": "other1"}, {"name": "other2"}]):  # one graph per count
+        engine.run({**SHAPES, "loras": loras})
+    graphs = counters["stats"]["unique_graphs"]
+    for loras, reference in zip(requests, eager, strict=True):
+        compiled = pixels(engine.run({**SHAPES, "loras": loras}))
+        assert np.abs(compiled - reference).max() <= 2, loras  # compiled kernels round differently, by a level at most
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_removing_every_adapter_layer_restores_the_plain_pipeline(lora_engine):
     base = pixels(lora_engine.run(SHAPES))
     loaded = lora_engine.pool.get(lora_engine.registry.resolve(SHAPES["model"]))[0]

@@ -6,8 +6,11 @@ add-on modules close to the model and loads them asynchronously so that a reques
 - A pipeline gets a fixed number of adapter *slots*. Each slot starts as an all-zero adapter over every layer any
   adapter of the library adapts, at the library's highest rank (diffusers' ``enable_lora_hotswap(target_rank)``
   first), so any library adapter fits any slot: switching is diffusers' ``load_lora_weights(..., hotswap=True)``,
-  a copy into tensors that already exist. (Under ``torch.compile``, which fastgen does not use, each distinct set
-  of active slots would still be its own graph: the choice below sets PEFT's per-layer active adapters.)
+  a copy into tensors that already exist.
+- A compiled denoiser (``torch.compile`` or ``Module.compile()``) is never recompiled for a new adapter or scale:
+  its graphs depend on which adapters each layer runs and on Python-float scales, so there the request's i-th
+  adapter goes into slot i (copied in unless already there), slots 0..n-1 are on in every adapted layer (scale 0
+  where an adapter adapts nothing) and scales are tensors filled in place: one graph per adapter count.
 - diffusers' swap walks the whole denoiser on every call (tens of milliseconds on an SD-1.5 UNet, more than the
   copy itself). So the first swap of an adapter goes through diffusers, which converts its file (Kohya or PEFT keys,
   alphas), and what it leaves in the slot (each adapted layer's weights and scaling) is kept in host memory; later
@@ -124,7 +127,7 @@ class AdapterSlots:
             raise ValueError(f"lora slots: need at least 1, got {count}")
         self.pipe, self.library, self.count = pipe, library, count
         self.prefix = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-        self.denoiser = getattr(pipe, self.prefix)
+        self.denoiser = _uncompiled(getattr(pipe, self.prefix))
         self.layout: Layout | None = None
         self.holding: OrderedDict[str, tuple[str, str] | None] = OrderedDict()  # slot -> (name, sha256), LRU first
         self.swaps = 0
@@ -141,6 +144,8 @@ class AdapterSlots:
         """Make ``adapters`` (with their scales) the active ones for one request."""
         converted = [self.convert(info, f"loras[{i}]") for i, (info, _) in enumerate(adapters)]
         self._ensure_layout(converted)
+        if _compiled(getattr(self.pipe, self.prefix)):
+            return self._activate_in_positions(converted, [scale for _, scale in adapters])
         wanted = {(c.info.name, c.info.sha256) for c in converted}
         active, taken = ActiveLoras(self, [], [], apply_by_step=apply_by_step), set()
         for c, (_, scale) in zip(converted, adapters, strict=True):
@@ -171,6 +176,31 @@ class AdapterSlots:
             for slot, scale in on:
                 _set_scaling(layer, slot, scale * self.scalings[slot][name])
             _switch(layer, [slot for slot, _ in on])
+
+    def _activate_in_positions(self, converted: list[Converted], scales: list[float]) -> ActiveLoras:
+        """For a compiled denoiser: adapter i in slot i, the first n slots on everywhere (no background loading)."""
+        self._scalings_as_tensors()
+        active = ActiveLoras(self, [], [])
+        for slot, c, scale in zip(sorted(self.holding), converted, scales, strict=False):
+            resident = self.holding[slot] == (c.info.name, c.info.sha256)
+            report = {"name": c.info.name, "scale": scale, "resident": resident}
+            if not resident:
+                self._swap_timed(slot, c, report)
+            active.report_items.append(report)
+            active.chosen.append((slot, scale))
+        slots = [slot for slot, _ in active.chosen]
+        for name, layer in self.layers.items():
+            for slot, scale in active.chosen:
+                _set_scaling(layer, slot, scale * self.scalings[slot].get(name, 0.0))
+            _switch(layer, slots)
+        return active
+
+    def _scalings_as_tensors(self) -> None:
+        """A Python-float scale is a constant in a compiled graph (a new value recompiles); a tensor is an input."""
+        for layer in self.layers.values():
+            for slot, value in layer.scaling.items():
+                if not isinstance(value, torch.Tensor):
+                    layer.scaling[slot] = torch.tensor(float(value), device=layer.lora_A[slot].weight.device)
 
     def switch_off(self) -> None:
         """Every adapted layer runs its base layer alone: the base model exactly."""
@@ -341,6 +371,15 @@ class AdapterSlots:
             target_b[:, :rank].copy_(b)
             target_b[:, rank:].zero_()
         self.scalings[slot] = dict(swapped.scalings)
+
+
+def _compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs compiled: wrapped by ``torch.compile`` or compiled in place by ``Module.compile()``."""
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "_orig_mod", module)
 
 
 def _switch(layer: BaseTunerLayer, slots: list[str]) -> None:
