@@ -164,17 +164,18 @@ class AdapterSlots:
         self.choose(active.chosen)
         return active
 
-    def choose(self, chosen: list[tuple[str, float]]) -> None:
-        """Switch on ``chosen`` (slot, scale) and nothing else, each only in the layers its adapter adapts.
+    def choose(self, chosen: list[tuple[str, float]], everywhere: bool = False) -> None:
+        """Switch on ``chosen`` (slot, scale) and nothing else, each only in the layers its adapter adapts, or with
+        ``everywhere`` in every adapted layer (scale 0 where its adapter adapts nothing: the compiled mode).
 
         Done per adapted layer rather than with diffusers' ``set_adapters``: that walks every module of the pipeline
         and recomputes each scale from the *slot's* alpha and rank (the zero adapter's), losing the adapter's own.
         Here each scale is the request's times the adapter's alpha / rank, as the swap left it.
         """
         for name, layer in self.layers.items():
-            on = [(slot, scale) for slot, scale in chosen if name in self.scalings[slot]]
+            on = chosen if everywhere else [(slot, scale) for slot, scale in chosen if name in self.scalings[slot]]
             for slot, scale in on:
-                _set_scaling(layer, slot, scale * self.scalings[slot][name])
+                _set_scaling(layer, slot, scale * self.scalings[slot].get(name, 0.0))
             _switch(layer, [slot for slot, _ in on])
 
     def _activate_in_positions(self, converted: list[Converted], scales: list[float]) -> ActiveLoras:
@@ -188,11 +189,7 @@ class AdapterSlots:
                 self._swap_timed(slot, c, report)
             active.report_items.append(report)
             active.chosen.append((slot, scale))
-        slots = [slot for slot, _ in active.chosen]
-        for name, layer in self.layers.items():
-            for slot, scale in active.chosen:
-                _set_scaling(layer, slot, scale * self.scalings[slot].get(name, 0.0))
-            _switch(layer, slots)
+        self.choose(active.chosen, everywhere=True)
         return active
 
     def _scalings_as_tensors(self) -> None:
