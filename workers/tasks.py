@@ -108,7 +108,7 @@ def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | 
             cancel=CancelRequested(context.jobs, job_id),
             result_id=job_id,
             tenant=record.tenant if record else "public",  # a bare Celery submission has no record
-            embedded=PromptEmbedding.from_message(embedded) if embedded else None,
+            embedded=PromptEmbedding.from_message(embedded),  # None when absent or malformed
         )
         result = context.artifacts.save(generation)
     except GroupBroken as exc:
