@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +92,8 @@ class SentenceEmbedder:
             if text in self._recent:
                 self._recent.move_to_end(text)
                 return self._recent[text]
+            import torch  # here, not at the top: the API imports this module for DoorEmbedder and must stay torch-free
+
             with torch.inference_mode():
                 vector = normalise(self.model.encode([text], convert_to_numpy=True)[0])
             self._recent[text] = vector
@@ -115,6 +116,8 @@ class PipelineEmbedder:
         tokens = tokenizer(
             [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).to(encoder.device)
+        import torch  # only workers embed with the pipeline; importing this module stays torch-free
+
         with torch.inference_mode():
             out = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)
         pooled = getattr(out, "pooler_output", None)

@@ -12,14 +12,17 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import imageio.v2 as imageio
 import numpy as np
 from PIL import Image
 
-from fastgen.engine import Generation
 from fastgen.request import Artifact, GenerationResult
+
+if TYPE_CHECKING:  # the API reads artifacts without the engine (and torch)
+    from fastgen.engine import Generation
 
 MEDIA_TYPES = {
     "png": "image/png",

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from fastgen.errors import FastgenError, FieldError, InvalidRequest
-from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, GenerationResult
+from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, GenerationResult, parse_request
 from fastgen.settings import Settings
 
 FORMAT_BY_SUFFIX = {".jpg": "jpeg", **{f".{fmt}": fmt for fmt in IMAGE_FORMATS + VIDEO_FORMATS}}
@@ -21,8 +21,6 @@ FORMAT_BY_SUFFIX = {".jpg": "jpeg", **{f".{fmt}": fmt for fmt in IMAGE_FORMATS +
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    if not args.verbose:
-        quiet_libraries()
     try:
         settings = Settings.from_env()
         return args.command(args, settings)
@@ -38,8 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def quiet_libraries() -> None:
-    """Our own progress bar is the only one a user should see; the libraries' notices go with --verbose."""
+def quiet_libraries(args: argparse.Namespace) -> None:
+    """Our own progress bar is the only one a user should see; the libraries' notices go with --verbose.
+
+    Called only by the commands that load models: importing diffusers costs seconds the thin ones must not pay.
+    """
+    if args.verbose:
+        return
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -114,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default: FASTGEN_PORT or 8000)")
     serve.set_defaults(command=run_serve)
 
-    models = commands.add_parser("models", help="list the built-in models and their capabilities")
+    models = commands.add_parser("models", help="list the models and their capabilities (a service's with --url)")
     models.add_argument("--json", action="store_true")
+    models.add_argument("--url", help="list the models of the fastgen service at this URL")
+    models.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"), help="key for --url (FASTGEN_API_KEY)")
     models.set_defaults(command=list_models)
 
     loras = commands.add_parser("loras", help="list the LoRA library (FASTGEN_LORA_DIR, or a service's with --url)")
@@ -131,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:
     request = request_from_args(args)
-    result, data = generate_remote(args, request) if args.url else generate_here(settings, request)
+    result, data = generate_remote(args, request) if args.url else generate_here(args, settings, request)
     output = args.output or Path(f"{result.id}.{result.output_format}")
     output.write_bytes(data)
     if args.json:
@@ -144,7 +149,9 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def generate_here(settings: Settings, request: dict) -> tuple[GenerationResult, bytes]:
+def generate_here(args: argparse.Namespace, settings: Settings, request: dict) -> tuple[GenerationResult, bytes]:
+    parse_request(request, settings.limits)  # out-of-limits input is told before torch and the engine are imported
+    quiet_libraries(args)
     from fastgen.artifacts import encode
     from fastgen.cache import open_cache
     from fastgen.engine import Engine
@@ -217,6 +224,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     from fastgen.models.registry import ModelRegistry
     from fastgen.workers.worker import run_worker as start
 
+    quiet_libraries(args)
     models = _models(args.models) or settings.served_models(ModelRegistry(settings.model_dir).names())
     devices = settings.devices if args.devices is None else args.devices
     if devices < 1:
@@ -262,17 +270,24 @@ class ProgressBar:
 
 
 def list_models(args: argparse.Namespace, settings: Settings) -> int:
-    from fastgen.models.registry import ModelRegistry
+    if args.url:
+        from fastgen.client import FastgenClient
 
-    registry = ModelRegistry(settings.model_dir)
-    capabilities = [registry.resolve(name).capabilities() for name in registry.names()]
+        with FastgenClient(args.url, api_key=args.api_key) as client:
+            capabilities = client.models()
+    else:
+        from fastgen.models.registry import ModelRegistry
+
+        registry = ModelRegistry(settings.model_dir)
+        capabilities = [registry.resolve(name).capabilities() for name in registry.names()]
     if args.json:
         print(json.dumps(capabilities, indent=2))
         return 0
     for cap in capabilities:
         d = cap["defaults"]
         size = f"{d['width']}x{d['height']}" + (f"x{d['num_frames']}f" if cap["kind"] == "video" else "")
-        default = " (default)" if cap["name"] == settings.default_model else ""
+        # A service's default is its own FASTGEN_DEFAULT_MODEL, which this process does not know.
+        default = " (default)" if cap["name"] == settings.default_model and not args.url else ""
         print(
             f"{cap['name']:<14} {cap['kind']:<6} {cap['architecture']:<5} {size:<12} "
             f"accelerations: {', '.join(cap['accelerations']) or '-'}{default}"

@@ -21,6 +21,9 @@ from kombu import Exchange, Queue
 from fastgen.settings import Settings
 
 TASK_NAME = "fastgen.generate"
+# Our own task states, here rather than in tasks.py so the API can read them without importing torch.
+PROGRESS = "PROGRESS"
+CANCELLED = "CANCELLED"
 EXCHANGE = Exchange("fastgen", type="direct")
 VISIBILITY_MARGIN_S = 30  # at most this long between a job's hard limit and Redis handing it to another worker
 

@@ -24,8 +24,7 @@ from fastgen.lora.library import LoraLibrary
 from fastgen.models.registry import ModelRegistry
 from fastgen.request import GenerationRequest, GenerationResult, parse_request
 from fastgen.settings import Settings
-from fastgen.workers.app import TASK_NAME, create_celery, queue_name
-from fastgen.workers.tasks import CANCELLED, PROGRESS
+from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME, create_celery, queue_name
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 CELERY_STATES: dict[str, JobState] = {

@@ -22,12 +22,9 @@ from fastgen.engine import CancelFlag, Engine, Generation, Progress, StepCallbac
 from fastgen.errors import Cancelled, FastgenError
 from fastgen.jobs import JobStore, open_job_store
 from fastgen.settings import Settings
-from fastgen.workers.app import TASK_NAME
+from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME
 
 logger = logging.getLogger(__name__)
-
-PROGRESS = "PROGRESS"
-CANCELLED = "CANCELLED"
 
 
 class JobFailed(Exception):

@@ -22,13 +22,15 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from safetensors import safe_open
 
 from fastgen.errors import FieldError, InvalidRequest
 from fastgen.request import LORA_NAME
+
+if TYPE_CHECKING:  # tensors are read lazily: the API only lists adapters and must not import torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +212,7 @@ def _adapter_files(directory: Path | None) -> dict[str, Path]:
 
 def describe(name: str, path: Path) -> LoraInfo:
     """An adapter's description from its safetensors header, and the SHA-256 of the whole file."""
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="numpy") as f:  # header only; "pt" would import torch
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         metadata = f.metadata() or {}
     downs = {key: shape for key, shape in shapes.items() if any(m in key for m in DOWN_MARKERS)}
