@@ -9,7 +9,8 @@ the best compatible entry (same partition: tenant, embedder, model, size, steps,
 regime, negative prompt, LoRA set and output-changing accelerations), loads its state and says how many
 steps to skip; during the run it captures the states at the policy's marks; :meth:`CacheRun.finish`
 stores them, evicts under the byte budget and reports what happened. Any cache failure (a missing or
-corrupt state file, an unreachable store) is logged and turns into a miss; it never fails the job.
+corrupt state file, a state that does not fit the request, an unreachable store) is logged and turns into a miss;
+it never fails the job.
 """
 
 from __future__ import annotations
@@ -276,11 +277,15 @@ class ApproximateCache:
             usable = [k for k in entry.marks if k <= allowed]
             if usable and (best is None or (max(usable), similarity) > best[:2]):
                 best = (max(usable), similarity, entry)
-        lookup.hit, lookup.reason = self._load(model, best) if best else (None, "no similar earlier prompt")
+        if best is None:
+            lookup.reason = "no similar earlier prompt"
+        else:
+            wanted = resume.expected(pipe, request.width, request.height, request.num_frames)
+            lookup.hit, lookup.reason = self._load(model, best, wanted)
         lookup.seconds = time.perf_counter() - started
         return lookup
 
-    def _load(self, model: str, best: tuple[int, float, Entry]) -> tuple[Hit | None, str]:
+    def _load(self, model: str, best: tuple[int, float, Entry], wanted: resume.Expected) -> tuple[Hit | None, str]:
         skip, similarity, entry = best
         try:
             state = self.files.read(entry.id, skip)
@@ -291,7 +296,19 @@ class ApproximateCache:
             self.store.drop(entry.id, skip)
             self.store.count(model, bad_states=1)
             return None, f"stored state unreadable ({type(exc).__name__})"
+        misfit = resume.fits(state, wanted)
+        if misfit is not None:
+            logger.warning("cache entry %d step %d does not fit the request (%s): a miss", entry.id, skip, misfit)
+            self._discard(entry)
+            self.store.count(model, bad_states=1)
+            return None, f"stored state does not fit: {misfit}"
         return Hit(entry, similarity, skip, state), ""
+
+    def _discard(self, entry: Entry) -> None:
+        """Drop every state of ``entry`` and delete its files: one misfit shows its record does not describe them."""
+        for k in list(entry.marks):  # a copy: syncing the index pops marks from this very dict
+            self.store.drop(entry.id, k)
+            self.files.delete(entry.id, k)
 
     def store_states(self, lookup: Lookup, request: GenerationRequest, seed: int, states: list[resume.State]) -> int:
         """Write captured states as a new entry and evict down to the budget; return the new entry's id."""

@@ -106,6 +106,80 @@ def from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> 
     return State(int(meta["step"]), int(meta["total"]), tensors["latents"], history)
 
 
+# History values shaped like the latents (model outputs, the previous sample); other history tensors are scalars.
+SAMPLE_SHAPED = frozenset({"model_outputs", "last_sample"})
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a state must hold to resume one request on one pipeline."""
+
+    shape: tuple[int, ...]  # the latents'
+    dtypes: frozenset[torch.dtype]  # the latents' may be any of these
+    history: tuple[str, ...]  # the names the scheduler carries from one step into the next
+    order: int  # entries in each list-valued history: the solver's order (1 for single-step schedulers)
+
+
+def expected(pipe, width: int, height: int, num_frames: int | None) -> Expected:
+    """What ``pipe`` computes for a request of this size, derived as the pipeline itself derives it."""
+    scheduler = pipe.scheduler
+    # The pipeline's dtype or float32, and no other even where the cast would be lossless: Wan draws its latents in
+    # float32 and multistep solvers hand float32 back for half-precision model outputs, so a run like this one leaves
+    # either; any other dtype (float64, integers, the other half type) was not captured by such a run.
+    dtypes = frozenset({pipe.dtype, torch.float32})
+    history, order = HISTORY[scheduler.__class__.__name__], getattr(scheduler.config, "solver_order", 1)
+    return Expected(latent_shape(pipe, width, height, num_frames), dtypes, history, order)
+
+
+def latent_shape(pipe, width: int, height: int, num_frames: int | None) -> tuple[int, ...]:
+    """The shape of the latents ``pipe.prepare_latents`` makes for one prompt and one output (all a request asks)."""
+    # Wan may hold only its second transformer; its own prepare_latents takes the channels from that one then.
+    denoisers = (getattr(pipe, name, None) for name in ("transformer", "transformer_2", "unet"))
+    channels = next(module for module in denoisers if module is not None).config.in_channels
+    if hasattr(pipe, "vae_scale_factor_temporal"):  # Wan: the video VAE compresses time as well
+        scale = pipe.vae_scale_factor_spatial
+        frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        return (1, channels, frames, height // scale, width // scale)
+    scale = pipe.vae_scale_factor
+    if hasattr(pipe, "_pack_latents"):  # Flux: 2 x 2 latent patches packed into tokens of in_channels
+        return (1, (height // (2 * scale)) * (width // (2 * scale)), channels)
+    if num_frames is not None:  # AnimateDiff: one latent per frame
+        return (1, channels, num_frames, height // scale, width // scale)
+    return (1, channels, height // scale, width // scale)
+
+
+def fits(state: State, expected: Expected) -> str | None:
+    """None when ``state`` can resume the request ``expected`` describes, else the reason it does not fit."""
+    latents = state.latents
+    if tuple(latents.shape) != expected.shape:
+        return f"latents of shape {list(latents.shape)}, the request computes {list(expected.shape)}"
+    if latents.dtype not in expected.dtypes:
+        return f"latents in {latents.dtype}, the pipeline computes in {' or '.join(sorted(map(str, expected.dtypes)))}"
+    if not torch.isfinite(latents).all():
+        return "latents not finite (NaN or infinite values)"
+    if sorted(state.history) != sorted(expected.history):
+        return f"scheduler history {sorted(state.history)}, the scheduler carries {sorted(expected.history)}"
+    for name, value in state.history.items():
+        reason = _history_misfit(name, value, expected)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _history_misfit(name: str, value, expected: Expected) -> str | None:
+    if isinstance(value, list) and len(value) != expected.order:
+        return f"scheduler history {name} holds {len(value)} entries, the solver keeps {expected.order}"
+    shape = expected.shape if name in SAMPLE_SHAPED else ()
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, torch.Tensor | int | float | None):  # what flatten writes (bool is an int)
+            return f"scheduler history {name} holds a {type(item).__name__}"
+        if isinstance(item, torch.Tensor) and tuple(item.shape) != shape:
+            return f"scheduler history {name} of shape {list(item.shape)}, the request computes {list(shape)}"
+        if isinstance(item, torch.Tensor) and not torch.isfinite(item).all():
+            return f"scheduler history {name} not finite (NaN or infinite values)"
+    return None
+
+
 def noise_level(scheduler, steps: int, step: int) -> float:
     """How much unit noise the latents hold after ``step`` of ``steps`` steps: latents = signal + level * noise."""
     scheduler = copy.deepcopy(scheduler)

@@ -10,9 +10,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import small
 from services import service_env, wait_until
 
+from fastgen.cache import resume
 from fastgen.cache.approximate import ApproximateCache, CacheConfig, inherits_fairly, may_start_from
 from fastgen.cache.embedder import DoorEmbedder, PromptEmbedding
 from fastgen.cache.index import VectorIndex
@@ -204,6 +206,76 @@ def test_a_corrupt_or_missing_state_is_a_logged_miss_not_a_failure(engine, tmp_p
     for path in (tmp_path / "states").rglob("*.safetensors"):
         path.unlink()
     assert cache_report(run.run({"prompt": CAPTION, **SHAPES}))["hit"] is False
+
+
+def grow_frames(state: resume.State) -> resume.State:
+    """One more latent frame in the latents and in every history tensor shaped like them (still self-consistent)."""
+
+    def grow(value):
+        if isinstance(value, list):
+            return [grow(v) for v in value]
+        if isinstance(value, torch.Tensor) and value.shape == state.latents.shape:
+            return torch.cat([value, value[:, :, -1:]], dim=2)
+        return value
+
+    return replace(state, latents=grow(state.latents), history={n: grow(v) for n, v in state.history.items()})
+
+
+def with_last_model_output(value: torch.Tensor):
+    def change(state: resume.State) -> resume.State:
+        outputs = state.history["model_outputs"]
+        return replace(state, history={**state.history, "model_outputs": [*outputs[:-1], value]})
+
+    return change
+
+
+def with_value_at_origin(value: float):
+    def change(state: resume.State) -> resume.State:
+        latents = state.latents.clone()
+        latents.view(-1)[0] = value
+        return replace(state, latents=latents)
+
+    return change
+
+
+MISFITS = {  # id: (model, how the stored state is rewritten, what the miss reason says)
+    "channels": ("tiny-sd", lambda s: replace(s, latents=torch.randn(1, 8, 8, 8)), "latents of shape [1, 8, 8, 8]"),
+    "size": ("tiny-sd", lambda s: replace(s, latents=torch.randn(1, 4, 16, 16)), "latents of shape [1, 4, 16, 16]"),
+    "batch": ("tiny-sd", lambda s: replace(s, latents=torch.randn(2, 4, 8, 8)), "latents of shape [2, 4, 8, 8]"),
+    "dtype": ("tiny-sd", lambda s: replace(s, latents=s.latents.half()), "latents in torch.float16"),
+    "nan": ("tiny-sd", with_value_at_origin(float("nan")), "not finite"),
+    "inf": ("tiny-sd", with_value_at_origin(float("inf")), "not finite"),
+    "video-frames": ("tiny-wan", grow_frames, "latents of shape [1, 16, 3, 4, 4]"),
+    "history-shape": ("tiny-pixart", with_last_model_output(torch.randn(1, 4, 16, 16)), "model_outputs"),
+    "history-nan": ("tiny-pixart", with_last_model_output(torch.full((1, 4, 8, 8), float("nan"))), "not finite"),
+    "history-of-another-scheduler": ("tiny-pixart", lambda s: replace(s, history={}), "scheduler history"),
+}
+
+
+@pytest.mark.parametrize(("model", "change", "reason"), MISFITS.values(), ids=MISFITS.keys())
+def test_a_readable_state_that_does_not_fit_the_request_is_a_logged_miss_and_its_entry_is_dropped(
+    engine, tmp_path, caplog, model, change, reason
+):
+    request = small(model, steps=10)
+    cache = make_cache(tmp_path, embedder="pipeline")
+    run = cached_engine(engine, cache)
+    first = run.run(request)
+    ((bad, k),) = [(entry.id, max(entry.marks)) for entry in cache.store.snapshot()[0]]
+    cache.files.write(bad, change(cache.files.read(bad, k)))  # the file a repeat resumes from, as states.py writes it
+    generation = run.run(request)
+    assert pixels(generation).shape[1:3] == (request["height"], request["width"])
+    assert len(pixels(generation)) == request.get("num_frames", 1)
+    np.testing.assert_array_equal(pixels(generation), pixels(first))  # every step ran, exactly as uncached
+    report = cache_report(generation)
+    assert report["hit"] is False and report["reason"].startswith("stored state does not fit: "), report
+    assert reason in report["reason"], report
+    assert f"cache entry {bad} step {k} does not fit" in caplog.text
+    assert bad not in [entry.id for entry in cache.store.snapshot()[0]]
+    assert cache.files.fs.glob(f"{cache.files.root}/{bad}/*.safetensors") == []
+    assert cache.store.counters()["bad_states"] == {model: 1}
+    again = run.run(request)  # resumes from the state the miss stored, never from the dropped entry
+    assert cache_report(again)["hit"] is True and cache_report(again)["matched_entry"] != bad
+    np.testing.assert_array_equal(pixels(again), pixels(first))
 
 
 def test_counters_and_metrics(engine, tmp_path):
