@@ -5,6 +5,10 @@ own record of every job: who owns it (tenant), which model and queue, when it wa
 often a worker started it, whether someone asked to cancel it, and how it ended. Counters and a
 latency histogram for ``/metrics`` come from here too.
 
+A worker running a job holds a lease on it (``started``, then ``heartbeat`` about every second): a job whose lease
+has lapsed while it has no final state lost its worker (the pool process died, or the whole worker) and waits to
+be handed out again, whatever the result backend last heard from it.
+
 Two stores with one interface: Redis when the service runs on a Redis broker (shared by every
 machine), SQLite under the data directory in the embedded one-machine mode.
 """
@@ -23,6 +27,7 @@ from typing import Protocol
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 RETENTION_S = 7 * 24 * 3600  # how long a job's record outlives it
+LEASE_S = 5.0  # a running job's worker renews its lease every second; one not renewed this long has stopped
 
 
 class StoreUnavailable(Exception):
@@ -36,6 +41,13 @@ class JobRecord:
     model: str
     queue: str
     submitted_at: float
+    # What happened to it since, as the store knew when it was read (``add`` ignores these):
+    attempts: int = 0  # how many times a worker started it
+    state: str | None = None  # its final state, once it ended
+    lease_lapsed: bool = False  # a worker took it and no longer holds it: it waits to be handed out again
+
+
+SUBMISSION_FIELDS = ("id", "tenant", "model", "queue", "submitted_at")
 
 
 @dataclass(frozen=True)
@@ -55,8 +67,14 @@ class JobStore(Protocol):
 
     def cancel_requested(self, job_id: str) -> bool: ...
 
-    def started(self, job_id: str) -> int:
-        """Count one more start of the job; return how many there have been."""
+    def started(self, job_id: str, lease_s: float = LEASE_S) -> int:
+        """Count one more start of the job and take its lease; return how many starts there have been."""
+
+    def heartbeat(self, job_id: str, lease_s: float = LEASE_S) -> None:
+        """The worker running the job still holds it, for ``lease_s`` more."""
+
+    def requeued(self, job_id: str) -> None:
+        """The job went back to its queue: its lease ends now."""
 
     def finished(self, job_id: str, state: str) -> None: ...
 
@@ -96,7 +114,8 @@ class RedisJobStore:
     def add(self, job: JobRecord) -> None:
         with self._reachable():
             pipe = self.redis.pipeline()
-            pipe.hset(self._key("job", job.id), mapping={k: str(v) for k, v in asdict(job).items()})
+            submitted = {k: str(v) for k, v in asdict(job).items() if k in SUBMISSION_FIELDS}
+            pipe.hset(self._key("job", job.id), mapping=submitted)
             pipe.expire(self._key("job", job.id), RETENTION_S)
             pipe.sadd(self._key("queued", job.queue), job.id)
             pipe.sadd(self._key("queues"), job.queue)
@@ -104,11 +123,20 @@ class RedisJobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._reachable():
-            fields = self.redis.hgetall(self._key("job", job_id))
+            pipe = self.redis.pipeline()
+            pipe.hgetall(self._key("job", job_id))
+            pipe.exists(self._key("lease", job_id))
+            fields, leased = pipe.execute()
         if not fields or b"tenant" not in fields:
             return None
-        values = {k.decode(): v.decode() for k, v in fields.items() if k.decode() in JobRecord.__dataclass_fields__}
-        return JobRecord(**{**values, "submitted_at": float(values["submitted_at"])})
+        values = {k.decode(): v.decode() for k, v in fields.items()}
+        return JobRecord(
+            *(values[k] for k in ("id", "tenant", "model", "queue")),
+            float(values["submitted_at"]),
+            attempts=int(values.get("attempts", 0)),
+            state=values.get("state"),
+            lease_lapsed="leased" in values and not leased,
+        )
 
     def request_cancel(self, job_id: str) -> None:
         with self._reachable():
@@ -118,14 +146,31 @@ class RedisJobStore:
         with self._reachable():
             return bool(self.redis.exists(self._key("cancel", job_id)))
 
-    def started(self, job_id: str) -> int:
+    def started(self, job_id: str, lease_s: float = LEASE_S) -> int:
         job = self.get(job_id)
         with self._reachable():
             pipe = self.redis.pipeline()
             pipe.hincrby(self._key("job", job_id), "attempts", 1)
+            # "leased": this job has had a lease, so a missing lease key means it lapsed (not "never taken").
+            pipe.hset(self._key("job", job_id), "leased", 1)
+            pipe.set(self._key("lease", job_id), 1, px=int(lease_s * 1000))
             if job is not None:
                 pipe.smove(self._key("queued", job.queue), self._key("running"), job_id)
             return pipe.execute()[0]
+
+    def heartbeat(self, job_id: str, lease_s: float = LEASE_S) -> None:
+        # The lease is a key with a time to live, kept by Redis's clock: worker and API clocks need not agree.
+        with self._reachable():
+            self.redis.set(self._key("lease", job_id), 1, px=int(lease_s * 1000))
+
+    def requeued(self, job_id: str) -> None:
+        job = self.get(job_id)
+        with self._reachable():
+            pipe = self.redis.pipeline()
+            pipe.delete(self._key("lease", job_id))
+            if job is not None:
+                pipe.smove(self._key("running"), self._key("queued", job.queue), job_id)
+            pipe.execute()
 
     def finished(self, job_id: str, state: str) -> None:
         job = self.get(job_id)
@@ -164,9 +209,10 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, model TEXT NOT NULL, queue TEXT NOT NULL,
     submitted_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, cancel INTEGER NOT NULL DEFAULT 0,
-    state TEXT, latency REAL
+    state TEXT, latency REAL, lease_until REAL
 )
 """
+ADDED_COLUMNS = {"lease_until": "REAL"}  # columns newer than a store file may be: added when missing
 
 
 class SqliteJobStore:
@@ -178,6 +224,7 @@ class SqliteJobStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+            _add_missing_columns(db)
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -199,9 +246,14 @@ class SqliteJobStore:
     def get(self, job_id: str) -> JobRecord | None:
         with self._db() as db:
             row = db.execute(
-                "SELECT id, tenant, model, queue, submitted_at FROM jobs WHERE id = ?", (job_id,)
+                "SELECT id, tenant, model, queue, submitted_at, attempts, state, lease_until FROM jobs WHERE id = ?",
+                (job_id,),
             ).fetchone()
-        return JobRecord(*row) if row else None
+        if row is None:
+            return None
+        *submitted, attempts, state, lease_until = row
+        lapsed = lease_until is not None and lease_until < time.time()
+        return JobRecord(*submitted, attempts=attempts, state=state, lease_lapsed=lapsed)
 
     def request_cancel(self, job_id: str) -> None:
         with self._db() as db:
@@ -212,11 +264,21 @@ class SqliteJobStore:
             row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
-    def started(self, job_id: str) -> int:
+    def started(self, job_id: str, lease_s: float = LEASE_S) -> int:
         with self._db() as db:
-            db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (job_id,))
+            lease_until = time.time() + lease_s
+            db.execute("UPDATE jobs SET attempts = attempts + 1, lease_until = ? WHERE id = ?", (lease_until, job_id))
             row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else 1
+
+    def heartbeat(self, job_id: str, lease_s: float = LEASE_S) -> None:
+        # One machine in embedded mode: the worker's and the API's clocks are the same clock.
+        with self._db() as db:
+            db.execute("UPDATE jobs SET lease_until = ? WHERE id = ?", (time.time() + lease_s, job_id))
+
+    def requeued(self, job_id: str) -> None:
+        with self._db() as db:
+            db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ? AND lease_until IS NOT NULL", (job_id,))
 
     def finished(self, job_id: str, state: str) -> None:
         with self._db() as db:
@@ -248,6 +310,19 @@ class SqliteJobStore:
         for value in values:
             counts[bucket_index(value)] += 1
         return Histogram(LATENCY_BUCKETS, tuple(counts), sum(values), len(values))
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a store file written by an older fastgen up to this schema."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    for column, kind in ADDED_COLUMNS.items():
+        if column in present:
+            continue
+        try:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it first
+                raise
 
 
 def open_job_store(broker_url: str | None, data_dir: Path) -> JobStore:

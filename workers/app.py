@@ -85,6 +85,7 @@ def _transport(settings: Settings) -> dict:
     if is_redis(settings.broker_url):
         return {
             "broker_url": settings.broker_url,
+            **_front_requeue(settings.broker_url),
             "result_backend": settings.broker_url,
             "broker_transport_options": {
                 "visibility_timeout": visibility_timeout(settings.job_timeout_s),
@@ -101,6 +102,7 @@ def _transport(settings: Settings) -> dict:
     messages = _folder(settings, "broker")
     return {
         "broker_url": "filesystem://",
+        "broker_transport": "fastgen.workers.transport:FilesystemTransport",  # a requeued job goes first
         "broker_transport_options": {
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),
@@ -111,6 +113,14 @@ def _transport(settings: Settings) -> dict:
         },
         "result_backend": f"file://{_folder(settings, 'results')}",
     }
+
+
+def _front_requeue(url: str) -> dict:
+    """The Redis transport that requeues a job at the front (fastgen.workers.transport).
+
+    Not for rediss://: kombu switches TLS on from the transport's name, which a transport class does not carry.
+    """
+    return {"broker_transport": "fastgen.workers.transport:RedisTransport"} if url.startswith("redis://") else {}
 
 
 def _folder(settings: Settings, name: str) -> Path:

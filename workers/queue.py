@@ -40,6 +40,9 @@ CELERY_STATES: dict[str, JobState] = {
 }
 
 
+LOST_WORKER = "the worker running attempt {attempt} stopped; the job waits in its queue to run again"
+
+
 class JobNotFound(FastgenError):
     def __init__(self, job_id: str):
         super().__init__(f"no job {job_id!r}")
@@ -64,6 +67,8 @@ class JobStatus(BaseModel):
     progress: JobProgress | None = None
     result: GenerationResult | None = None
     error: str | None = None
+    attempts: int = 0  # how many times a worker started it
+    note: str | None = None  # why a job that had started reads queued again
 
 
 class JobQueue:
@@ -136,7 +141,7 @@ class JobQueue:
         with self._reachable():
             self.jobs.request_cancel(job_id)
             meta = self.celery.backend.get_task_meta(job_id)
-            if CELERY_STATES.get(meta["status"]) == "queued":
+            if self._status(job, meta).status == "queued":  # waiting, or back in the queue after its worker died
                 self.celery.backend.store_result(job_id, {"step": 0, "total": 0}, CANCELLED)
                 self.jobs.finished(job_id, "cancelled")
                 meta = self.celery.backend.get_task_meta(job_id)
@@ -151,7 +156,15 @@ class JobQueue:
 
     def _status(self, job: JobRecord, meta: dict) -> JobStatus:
         state = CELERY_STATES.get(meta["status"], "running")
-        status = JobStatus(id=job.id, status=state, model=job.model, submitted_at=job.submitted_at)
+        if job.state == "cancelled":
+            state = "cancelled"  # the store's final word: a worker that takes the job late cannot make it read running
+        status = JobStatus(
+            id=job.id, status=state, model=job.model, submitted_at=job.submitted_at, attempts=job.attempts
+        )
+        if state == "running" and job.lease_lapsed:
+            # The backend still holds the dead attempt's last progress; the job waits to be handed out again.
+            status.status, status.note = "queued", LOST_WORKER.format(attempt=job.attempts)
+            return status
         info = meta.get("result")
         if state in ("running", "cancelled") and isinstance(info, dict) and "step" in info:
             status.progress = JobProgress(**{k: info[k] for k in JobProgress.model_fields if k in info})

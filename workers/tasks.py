@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from functools import cached_property
 
 import torch
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from celery.worker.request import Request
 
 from fastgen.artifacts import ArtifactStore
 from fastgen.cache import open_cache
@@ -25,6 +27,8 @@ from fastgen.settings import Settings
 from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME
 
 logger = logging.getLogger(__name__)
+
+LEASE_RENEW_S = 1.0  # how often a running job's lease is renewed (it lasts fastgen.jobs.LEASE_S)
 
 
 class JobFailed(Exception):
@@ -86,8 +90,48 @@ class CancelRequested:
         return self.jobs.cancel_requested(self.job_id)
 
 
+class Lease:
+    """Renews a running job's lease in the job store from a thread, so a long step never makes a live job look lost."""
+
+    def __init__(self, jobs: JobStore, job_id: str, every_s: float = LEASE_RENEW_S):
+        self.jobs, self.job_id, self.every_s = jobs, job_id, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.jobs.heartbeat(self.job_id)
+            except Exception as exc:  # a store blip: the next renewal may get through before the lease lapses
+                logger.warning("job %s: renewing its lease failed: %s", self.job_id, exc)
+
+
+def request_class(context: WorkerContext) -> type[Request]:
+    """Celery's request for our task, in the worker's main process, where a job is handed back to its queue."""
+
+    class JobRequest(Request):
+        def reject(self, requeue: bool = False) -> None:
+            if requeue and not self.acknowledged:
+                # Its pool process died or its group broke: it reads queued at once, not after its lease lapses.
+                try:
+                    context.jobs.requeued(self.id)
+                except Exception as exc:
+                    logger.warning("job %s: could not mark it requeued: %s", self.id, exc)
+            super().reject(requeue=requeue)
+
+    return JobRequest
+
+
 def register_tasks(app: Celery, context: WorkerContext) -> None:
-    @app.task(name=TASK_NAME, bind=True)
+    @app.task(name=TASK_NAME, bind=True, Request=request_class(context))
     def generate(task: Task, payload: dict, embedded: dict | None = None) -> dict:
         return run_job(task, context, payload, embedded)
 
@@ -99,15 +143,16 @@ def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | 
     logger.info("job %s: attempt %d", job_id, attempt)
     record = context.jobs.get(job_id)
     try:
-        generation = context.run(
-            payload,
-            on_step=progress_publisher(task, attempt),
-            cancel=CancelRequested(context.jobs, job_id),
-            result_id=job_id,
-            tenant=record.tenant if record else "public",  # a bare Celery submission has no record
-            embedded=PromptEmbedding.from_message(embedded),  # None when absent or malformed
-        )
-        result = context.artifacts.save(generation)
+        with Lease(context.jobs, job_id):
+            generation = context.run(
+                payload,
+                on_step=progress_publisher(task, attempt),
+                cancel=CancelRequested(context.jobs, job_id),
+                result_id=job_id,
+                tenant=record.tenant if record else "public",  # a bare Celery submission has no record
+                embedded=PromptEmbedding.from_message(embedded),  # None when absent or malformed
+            )
+            result = context.artifacts.save(generation)
     except GroupBroken as exc:
         logger.error("job %s: the worker group broke (%s); handing the job back to the queue", job_id, exc)
         raise Reject(str(exc), requeue=True) from None
