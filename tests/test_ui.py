@@ -163,6 +163,36 @@ def _off_host(url: str) -> bool:
     return urlparse(url).hostname not in LOOPBACK
 
 
+def _outside(url: str) -> bool:
+    return urlparse(url).scheme in ("http", "https", "ws", "wss") and _off_host(url)
+
+
+def test_the_api_docs_render_with_the_internet_out_of_reach(browser, service):
+    """/docs and /redoc draw the operations from the service's own copies; every request off loopback is refused."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1100})
+    tab = context.new_page()
+    attempted: list[str] = []
+
+    def loopback_only(route):
+        if _outside(route.request.url):
+            attempted.append(route.request.url)
+            return route.abort()
+        return route.continue_()
+
+    tab.route("**/*", loopback_only)
+    try:
+        tab.goto(f"{service.url}/docs")
+        tab.locator(".opblock-post", has_text="/v1/jobs").first.wait_for(state="visible", timeout=30_000)
+        assert "fastgen" in tab.title()
+        assert tab.locator(".opblock-get", has_text="/v1/jobs/{job_id}").count() >= 1
+        tab.goto(f"{service.url}/redoc")
+        tab.get_by_text("/v1/jobs/{job_id}/result").first.wait_for(state="attached", timeout=30_000)
+        assert "fastgen" in tab.title()
+    finally:
+        context.close()
+    assert not attempted, f"the docs reached outside the service: {attempted}"
+
+
 def choose_model(tab, name: str) -> None:
     tab.locator("#model input").click()
     tab.get_by_role("option", name=name).click()
