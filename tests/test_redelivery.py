@@ -1,7 +1,9 @@
-"""Jobs whose worker died: real workers (one pool process each) on a real Redis and on the embedded broker.
+"""Jobs whose worker died, and jobs cancelled while they waited: real workers (one pool process each) on a real
+Redis and on the embedded broker.
 
 A job whose pool process is killed is handed back at the front of its queue and reads queued until it runs again;
-one whose whole worker died reads queued once its lease lapses. The job stores' leases are tested directly too.
+one whose whole worker died reads queued once its lease lapses. A job cancelled while queued is dropped by the
+worker that takes it, without ever reading running. The job stores' leases are tested directly too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import redis
 from services import Api, service_env, wait_until, worker
 
 from fastgen.jobs import LEASE_S, JobRecord, RedisJobStore, SqliteJobStore
@@ -121,6 +124,24 @@ def test_a_job_whose_whole_worker_died_reads_queued_and_can_be_cancelled(on_redi
             assert client.status(job)["status"] == "cancelled"
         finally:
             on_redis.worker = worker(on_redis.env, on_redis.worker.log_path)
+
+
+def test_a_job_cancelled_while_queued_never_starts(on_redis):
+    with on_redis.api.client() as client:
+        busy = client.submit(long_job(steps=100))["id"]
+        wait_until(lambda: running_at_step(client, busy, 2), 120, "the worker to be busy")
+        dropped = client.submit(quick())["id"]
+        assert client.cancel(dropped)["status"] == "cancelled"
+        after = client.submit(quick())["id"]
+        client.cancel(busy)  # the worker moves on: to the cancelled job, then to the next one
+        seen = [client.status(dropped)]
+        while client.status(after)["status"] not in FINAL:
+            seen.append(client.status(dropped))
+        seen.append(client.status(dropped))
+        assert client.status(after)["status"] == "succeeded"
+    assert [s for s in seen if s["status"] != "cancelled" or s.get("attempts") != 0] == [], "it read otherwise"
+    store = redis.Redis.from_url(on_redis.env["FASTGEN_BROKER_URL"])
+    assert store.hget(f"fastgen:job:{dropped}", "attempts") is None  # no worker counted a start
 
 
 def queued(status: dict) -> dict | None:

@@ -55,7 +55,9 @@ def create_celery(settings: Settings, models: list[str]) -> Celery:
         accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_track_started=True,
+        # No STARTED from Celery: the task writes it itself after its cancel check, so a job cancelled while it
+        # waited never reads running.
+        task_track_started=False,
         task_time_limit=settings.job_timeout_s,
         task_soft_time_limit=max(settings.job_timeout_s - 5, 1),
         worker_prefetch_multiplier=1,

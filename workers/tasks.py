@@ -11,9 +11,10 @@ import logging
 import os
 import threading
 from functools import cached_property
+from typing import NoReturn
 
 import torch
-from celery import Celery, Task
+from celery import Celery, Task, states
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.worker.request import Request
 
@@ -139,8 +140,12 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
 def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | None = None) -> dict:
     """``embedded``: the prompt's cache vector, when the door computed it (bare Celery submissions have none)."""
     job_id = task.request.id
+    if context.jobs.cancel_requested(job_id):
+        drop_cancelled(task, context.jobs, job_id)
     attempt = context.jobs.started(job_id)
     logger.info("job %s: attempt %d", job_id, attempt)
+    # Our own STARTED (Celery's task_track_started is off: it would write it before the cancel check above).
+    task.update_state(state=states.STARTED, meta={"attempt": attempt, "pid": os.getpid()})
     record = context.jobs.get(job_id)
     try:
         with Lease(context.jobs, job_id):
@@ -165,6 +170,15 @@ def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | 
         raise JobFailed(failure_message(exc, context.settings)) from None
     context.jobs.finished(job_id, "succeeded")
     return result.model_dump(mode="json")
+
+
+def drop_cancelled(task: Task, jobs: JobStore, job_id: str) -> NoReturn:
+    """A job cancelled before it started: acknowledged and dropped, no attempt counted, its state cancelled."""
+    logger.info("job %s: cancelled before it started; dropped", job_id)
+    # Usually the door already wrote both; not when the job was cancelled while it ran and its worker then died.
+    jobs.finished(job_id, "cancelled")
+    task.update_state(state=CANCELLED, meta={"step": 0, "total": 0})
+    raise Ignore()
 
 
 def progress_publisher(task: Task, attempt: int):
