@@ -122,6 +122,17 @@ def inherits_fairly(policy: CachePolicy, entry: Entry, vector: np.ndarray, steps
     return all(policy.skip(float(np.dot(vector, embedding)), steps) >= k for embedding, k in entry.lineage)
 
 
+def miss_reason(candidates: list[tuple[Entry, float]], floor: float, asked: float | None) -> str:
+    """Why nothing was reused, with how close the nearest earlier prompt came and the bar it had to clear."""
+    if not candidates:
+        return "no earlier prompt with these settings"
+    nearest = max(similarity for _, similarity in candidates)
+    bar = f"min_similarity {asked:.2f}" if asked is not None and asked >= floor else f"the policy's lowest {floor:.2f}"
+    if nearest < floor:
+        return f"the nearest earlier prompt is {nearest:.2f} alike, below {bar}"
+    return f"the nearest earlier prompt is {nearest:.2f} alike, but none may lend this request steps (policy)"
+
+
 def digest(value: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
@@ -270,7 +281,8 @@ class ApproximateCache:
         policy, steps = self.config.policy, request.steps
         floor = max(policy.lowest_similarity, request.accelerate.cache.min_similarity or 0.0)
         best: tuple[int, float, Entry] | None = None
-        for entry, similarity in self.index.candidates(partition, lookup.prompt_id, vector, policy.candidates):
+        candidates = self.index.candidates(partition, lookup.prompt_id, vector, policy.candidates)
+        for entry, similarity in candidates:
             if similarity < floor or not may_start_from(policy, entry, lookup.prompt_id, vector, steps):
                 continue
             allowed = policy.skip(similarity, steps)
@@ -278,7 +290,7 @@ class ApproximateCache:
             if usable and (best is None or (max(usable), similarity) > best[:2]):
                 best = (max(usable), similarity, entry)
         if best is None:
-            lookup.reason = "no similar earlier prompt"
+            lookup.reason = miss_reason(candidates, floor, request.accelerate.cache.min_similarity)
         else:
             wanted = resume.expected(pipe, request.width, request.height, request.num_frames)
             lookup.hit, lookup.reason = self._load(model, best, wanted)

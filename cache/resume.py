@@ -14,7 +14,9 @@ resumed exactly from a stored state; :func:`resumable` says so and the cache tre
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +116,7 @@ SAMPLE_SHAPED = frozenset({"model_outputs", "last_sample"})
 class Expected:
     """What a state must hold to resume one request on one pipeline."""
 
-    shape: tuple[int, ...]  # the latents'
+    shapes: frozenset[tuple[int, ...]]  # the latents' may have any of these (see latent_shapes)
     dtypes: frozenset[torch.dtype]  # the latents' may be any of these
     history: tuple[str, ...]  # the names the scheduler carries from one step into the next
     order: int  # entries in each list-valued history: the solver's order (1 for single-step schedulers)
@@ -128,11 +130,18 @@ def expected(pipe, width: int, height: int, num_frames: int | None) -> Expected:
     # either; any other dtype (float64, integers, the other half type) was not captured by such a run.
     dtypes = frozenset({pipe.dtype, torch.float32})
     history, order = HISTORY[scheduler.__class__.__name__], getattr(scheduler.config, "solver_order", 1)
-    return Expected(latent_shape(pipe, width, height, num_frames), dtypes, history, order)
+    return Expected(latent_shapes(pipe, width, height, num_frames), dtypes, history, order)
+
+
+def latent_shapes(pipe, width: int, height: int, num_frames: int | None) -> frozenset[tuple[int, ...]]:
+    """The shapes the latents of one prompt and one output (all a request asks) may have on ``pipe``: the request's
+    size, and for PixArt also the trained size it draws at unless its call says ``use_resolution_binning=False``,
+    which the cache does not see."""
+    return frozenset(latent_shape(pipe, w, h, num_frames) for h, w in {(height, width), *_binned(pipe, width, height)})
 
 
 def latent_shape(pipe, width: int, height: int, num_frames: int | None) -> tuple[int, ...]:
-    """The shape of the latents ``pipe.prepare_latents`` makes for one prompt and one output (all a request asks)."""
+    """The shape of the latents ``pipe.prepare_latents`` makes for one prompt and one output at this size."""
     # Wan may hold only its second transformer; its own prepare_latents takes the channels from that one then.
     denoisers = (getattr(pipe, name, None) for name in ("transformer", "transformer_2", "unet"))
     channels = next(module for module in denoisers if module is not None).config.in_channels
@@ -148,11 +157,29 @@ def latent_shape(pipe, width: int, height: int, num_frames: int | None) -> tuple
     return (1, channels, height // scale, width // scale)
 
 
+# PixArt's table of trained sizes, by its transformer's sample size (as its pipeline chooses it).
+BIN_TABLES = {
+    256: "ASPECT_RATIO_2048_BIN",
+    128: "ASPECT_RATIO_1024_BIN",
+    64: "ASPECT_RATIO_512_BIN",
+    32: "ASPECT_RATIO_256_BIN",
+}
+
+
+def _binned(pipe, width: int, height: int) -> list[tuple[int, int]]:
+    """(height, width) the pipeline bins this size to, when it can bin at all; else nothing."""
+    if "use_resolution_binning" not in inspect.signature(type(pipe).__call__).parameters:
+        return []
+    table = getattr(sys.modules[type(pipe).__module__], BIN_TABLES.get(pipe.transformer.config.sample_size, ""), None)
+    return [tuple(pipe.image_processor.classify_height_width_bin(height, width, ratios=table))] if table else []
+
+
 def fits(state: State, expected: Expected) -> str | None:
     """None when ``state`` can resume the request ``expected`` describes, else the reason it does not fit."""
     latents = state.latents
-    if tuple(latents.shape) != expected.shape:
-        return f"latents of shape {list(latents.shape)}, the request computes {list(expected.shape)}"
+    if tuple(latents.shape) not in expected.shapes:
+        computes = " or ".join(str(list(shape)) for shape in sorted(expected.shapes))
+        return f"latents of shape {list(latents.shape)}, the request computes {computes}"
     if latents.dtype not in expected.dtypes:
         return f"latents in {latents.dtype}, the pipeline computes in {' or '.join(sorted(map(str, expected.dtypes)))}"
     if not torch.isfinite(latents).all():
@@ -160,16 +187,16 @@ def fits(state: State, expected: Expected) -> str | None:
     if sorted(state.history) != sorted(expected.history):
         return f"scheduler history {sorted(state.history)}, the scheduler carries {sorted(expected.history)}"
     for name, value in state.history.items():
-        reason = _history_misfit(name, value, expected)
+        reason = _history_misfit(name, value, expected.order, tuple(latents.shape))
         if reason is not None:
             return reason
     return None
 
 
-def _history_misfit(name: str, value, expected: Expected) -> str | None:
-    if isinstance(value, list) and len(value) != expected.order:
-        return f"scheduler history {name} holds {len(value)} entries, the solver keeps {expected.order}"
-    shape = expected.shape if name in SAMPLE_SHAPED else ()
+def _history_misfit(name: str, value, order: int, latents: tuple[int, ...]) -> str | None:
+    if isinstance(value, list) and len(value) != order:
+        return f"scheduler history {name} holds {len(value)} entries, the solver keeps {order}"
+    shape = latents if name in SAMPLE_SHAPED else ()
     for item in value if isinstance(value, list) else [value]:
         if not isinstance(item, torch.Tensor | int | float | None):  # what flatten writes (bool is an int)
             return f"scheduler history {name} holds a {type(item).__name__}"

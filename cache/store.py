@@ -118,9 +118,9 @@ class RedisCacheStore:
     LOG_LENGTH = 100_000
 
     def __init__(self, url: str, prefix: str):
-        import redis
+        from fastgen.jobs import redis_client
 
-        self.redis = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        self.redis = redis_client(url)
         self.prefix = prefix
 
     def _key(self, *parts: str) -> str:

@@ -3,8 +3,8 @@
 ``POST /v1/jobs`` answers 202 at once with the job's id and status URL; ``GET /v1/jobs/{id}``
 tells queued / running (with progress) / succeeded (with the result) / failed (with a readable
 error) / cancelled; ``GET /v1/jobs/{id}/result`` streams the file; ``DELETE /v1/jobs/{id}``
-cancels. Bad input is a 422 naming each field, an unknown (or another tenant's) job a 404, an
-unreachable queue a 503.
+cancels. Bad input is a 4xx naming each field and limit, an unknown (or another tenant's) job a 404, a
+broker or store that is down or hangs a 503 within seconds.
 
 With ``FASTGEN_API_KEYS`` set, every ``/v1`` call needs a key (``Authorization: Bearer <key>``
 or ``X-API-Key``) and sees only its tenant's jobs; without it the service is open.
@@ -15,13 +15,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from fastapi import Depends, FastAPI, Request
+import kombu.exceptions
+import redis.exceptions
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from fastgen.artifacts import ArtifactStore
+from fastgen import api_assets, api_docs
+from fastgen.api_docs import JobAccepted
+from fastgen.artifacts import ArtifactGone, ArtifactStore
 from fastgen.errors import FastgenError, InvalidRequest
+from fastgen.jobs import redis_fault
 from fastgen.metrics import render_metrics
 from fastgen.request import request_schema
 from fastgen.settings import Settings
@@ -29,6 +35,7 @@ from fastgen.workers.queue import JobNotFound, JobQueue, JobStatus, QueueUnavail
 
 logger = logging.getLogger(__name__)
 OPEN_TENANT = "public"
+JSON_TYPES = ("application/json", "+json")
 
 
 class Unauthorized(FastgenError):
@@ -39,14 +46,29 @@ class NotReady(FastgenError):
     pass
 
 
-def _cache_counters(settings: Settings):
-    """Reads the approximate cache's shared counters (nothing when the cache is off)."""
-    if settings.cache_bytes == 0:
-        return lambda: None
-    from fastgen.cache.store import open_cache_store
+class BodyTooLarge(FastgenError):
+    pass
 
-    store = open_cache_store(settings.broker_url, settings.data_dir, settings.cache_url)
-    return store.counters
+
+class NotJson(FastgenError):
+    pass
+
+
+def _cache_counters(settings: Settings):
+    """Reads the approximate cache's shared counters (None when the cache is off); the store opens on first use,
+    so a store that cannot be opened fails a scrape's cache section, not the API's start."""
+    if settings.cache_bytes == 0:
+        return None
+    opened = []
+
+    def counters() -> dict[str, dict[str, int]]:
+        if not opened:
+            from fastgen.cache.store import open_cache_store
+
+            opened.append(open_cache_store(settings.broker_url, settings.data_dir, settings.cache_url))
+        return opened[0].counters()
+
+    return counters
 
 
 def create_api(
@@ -68,41 +90,49 @@ def create_api(
     keys = settings.tenants_by_key
     if not keys:
         logger.warning("FASTGEN_API_KEYS is not set: the service is open to anyone who can reach it")
-    app = FastAPI(title="fastgen", version="0.1.0", description=__doc__)
+    app = api_assets.create_app(title="fastgen", version="0.1.0", description=__doc__)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     _add_error_handlers(app)
     tenant_of = _tenant_dependency(keys)
     cache_counters = _cache_counters(settings)
+    docs = api_docs.Responses(authenticated=bool(keys))
 
-    @app.post("/v1/jobs", status_code=202, openapi_extra=_request_body(settings))
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=JobAccepted,
+        responses=docs.of(401, 413, 415, 422, 503, accepted=True),
+        openapi_extra=api_docs.request_body(),
+    )
     async def submit_job(request: Request, tenant: str = Depends(tenant_of)) -> JSONResponse:
+        _require_json(request)
         body = await request.body()
         job = await run_in_threadpool(queue.submit, body, tenant)  # Redis and the broker block
         url = f"/v1/jobs/{job.id}"
-        content = {
-            "id": job.id,
-            "status": "queued",
-            "model": job.model,
-            "status_url": url,
-            "result_url": f"{url}/result",
-        }
-        return JSONResponse(content, status_code=202, headers={"Location": url})
+        accepted = JobAccepted(id=job.id, model=job.model, status_url=url, result_url=f"{url}/result")
+        return JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": url})
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobStatus)
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=docs.of(401, 404, 422, 503))
     def job_status(job_id: str, tenant: str = Depends(tenant_of)) -> JobStatus:
         return queue.status(job_id, tenant)
 
-    @app.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobStatus)
+    @app.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobStatus, responses=docs.of(401, 404, 422, 503))
     def cancel_job(job_id: str, tenant: str = Depends(tenant_of)) -> JobStatus:
         return queue.cancel(job_id, tenant)
 
-    @app.get("/v1/jobs/{job_id}/result")
+    @app.get(
+        "/v1/jobs/{job_id}/result",
+        response_class=StreamingResponse,
+        responses={**api_docs.MEDIA_RESPONSE, **docs.of(401, 404, 409, 410, 422, 503)},
+    )
     def job_result(job_id: str, tenant: str = Depends(tenant_of)) -> StreamingResponse:
         status = queue.status(job_id, tenant)
         if status.result is None or not status.result.artifacts:
             raise NotReady(f"job {job_id} is {status.status}; its result exists once it has succeeded")
         artifact = status.result.artifacts[0]
+        artifacts.verify(job_id, artifact)  # before the 200: a damaged file is a 410, never a broken body
         return StreamingResponse(
-            _chunks(artifacts, job_id, artifact.name),
+            _chunks(artifacts, job_id, artifact.name, artifact.bytes),
             media_type=artifact.media_type,
             headers={
                 "Content-Disposition": f'inline; filename="{artifact.name}"',
@@ -110,29 +140,36 @@ def create_api(
             },
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=list[dict], responses=docs.of(401))
     def models(tenant: str = Depends(tenant_of)) -> list[dict]:
-        return [queue.registry.resolve(name).capabilities() for name in queue.models]
+        """Every served model's capabilities; a model that cannot be read is listed with ``usable: false`` and why."""
+        return [_model_entry(queue, name) for name in queue.models]
 
-    @app.get("/v1/loras")
+    @app.get("/v1/loras", response_model=list[dict], responses=docs.of(401))
     def loras(tenant: str = Depends(tenant_of)) -> list[dict]:
         """The LoRA library (rescanned, so files copied in since are listed): name, format, rank, base, checksum."""
         queue.loras.scan()
         return queue.loras.listing()
 
-    @app.get("/v1/schema")
-    def schema() -> dict:
+    @app.get("/v1/schema", response_model=dict, responses=docs.of(401))
+    def schema(tenant: str = Depends(tenant_of)) -> dict:
+        """The request JSON schema with this service's limits (a /v1 call like the others: keys apply)."""
         return request_schema(settings.limits)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=api_docs.Health, responses=docs.of(503))
     def healthz() -> JSONResponse:
         queue.check()
         return JSONResponse({"status": "ok", "models": queue.models, "open": not keys})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> str:
-        return render_metrics(queue.jobs, cache_counters())
+        return render_metrics(queue.jobs, cache_counters)
 
+    def usable_models() -> dict[str, dict]:
+        entries = (_model_entry(queue, name) for name in queue.models)
+        return {entry["name"]: entry for entry in entries if entry["usable"]}
+
+    api_docs.install(app, settings.limits, usable_models, settings.default_model)
     if ui_api_url is not None:
         from fastgen.ui import mount_ui  # Gradio loads only where the page is served
 
@@ -140,12 +177,31 @@ def create_api(
     return app
 
 
+def _model_entry(queue: JobQueue, name: str) -> dict:
+    try:
+        return {**queue.registry.resolve(name).capabilities(), "usable": True}
+    except FastgenError as exc:
+        logger.warning("served model %s cannot be used: %s", name, exc)
+        return {"name": name, "usable": False, "error": str(exc)}
+
+
+def _require_json(request: Request) -> None:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not content_type.endswith(JSON_TYPES):
+        shown = content_type[:60] or "none"
+        raise NotJson(f"the request body must be JSON (Content-Type: application/json), got {shown}")
+
+
 def _tenant_dependency(keys: dict[str, str]):
-    def tenant_of(request: Request) -> str:
-        if not keys:
-            return OPEN_TENANT
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not keys:
+        return lambda: OPEN_TENANT
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>, a key of FASTGEN_API_KEYS")
+    header = APIKeyHeader(name="X-API-Key", auto_error=False, description="A key of FASTGEN_API_KEYS")
+
+    def tenant_of(
+        credentials: HTTPAuthorizationCredentials | None = Security(bearer), api_key: str | None = Security(header)
+    ) -> str:
+        key = credentials.credentials if credentials else api_key
         if key not in keys:
             raise Unauthorized("a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
         return keys[key]
@@ -153,18 +209,76 @@ def _tenant_dependency(keys: dict[str, str]):
     return tenant_of
 
 
-def _chunks(artifacts: ArtifactStore, job_id: str, name: str, size: int = 1 << 16) -> Iterator[bytes]:
+def _chunks(artifacts: ArtifactStore, job_id: str, name: str, size: int, chunk: int = 1 << 16) -> Iterator[bytes]:
+    """The file's first ``size`` bytes (what Content-Length promised), in chunks."""
     with artifacts.open(job_id, name) as f:
-        while chunk := f.read(size):
-            yield chunk
+        while size > 0 and (data := f.read(min(chunk, size))):
+            size -= len(data)
+            yield data
 
 
-def _request_body(settings: Settings) -> dict:
-    schema = request_schema(settings.limits)
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+class BodyLimit:
+    """Refuses a request body over ``max_bytes`` with a 413 before it is read whole: at once when Content-Length
+    says so, else as soon as the chunks received pass the limit (chunked bodies have no length).
+
+    Written here because Starlette and FastAPI have no body limit and uvicorn's only limits are on headers.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        received, started = 0, False
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge(self._message())
+            return message
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except BodyTooLarge:
+            if started:
+                raise
+            await self._refuse(send)
+
+    def _message(self) -> str:
+        return f"the request body is over the limit of {self.max_bytes} bytes (FASTGEN_MAX_BODY_BYTES)"
+
+    async def _refuse(self, send) -> None:
+        response = JSONResponse({"error": self._message()}, status_code=413, headers={"Connection": "close"})
+        await response({"type": "http"}, None, send)
 
 
-ERROR_STATUS = {InvalidRequest: 422, JobNotFound: 404, Unauthorized: 401, NotReady: 409, QueueUnavailable: 503}
+STORE_FAULTS = (
+    OSError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
+ERROR_STATUS = {
+    InvalidRequest: 422,
+    JobNotFound: 404,
+    Unauthorized: 401,
+    NotReady: 409,
+    ArtifactGone: 410,
+    BodyTooLarge: 413,
+    NotJson: 415,
+    QueueUnavailable: 503,
+}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -183,10 +297,18 @@ def _add_error_handlers(app: FastAPI) -> None:
             {"error": "; ".join(f"{d['field']}: {d['message']}" for d in detail), "detail": detail}, status_code=422
         )
 
-    async def connection_error(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": f"the job queue is unreachable: {exc}"}, status_code=503)
+    async def unreachable(request: Request, exc: Exception) -> JSONResponse:
+        logger.warning("%s %s: a store is unreachable: %s", request.method, request.url.path, exc)
+        return JSONResponse({"error": f"the job queue or a store is unreachable: {exc}"}, status_code=503)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if redis_fault(exc):  # raised past every store wrapper: still the store's fault, not a bug
+            return await unreachable(request, exc)
+        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); it is logged"}, status_code=500)
 
     app.add_exception_handler(FastgenError, fastgen_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(ConnectionError, connection_error)
-    app.add_exception_handler(OSError, connection_error)
+    for fault in STORE_FAULTS:
+        app.add_exception_handler(fault, unreachable)
+    app.add_exception_handler(Exception, unexpected)

@@ -7,6 +7,7 @@ result: the media file (PNG/JPEG/WebP for images, MP4 or GIF for video) and ``me
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -19,6 +20,7 @@ import imageio.v2 as imageio
 import numpy as np
 from PIL import Image
 
+from fastgen.errors import FastgenError
 from fastgen.request import Artifact, GenerationResult
 
 if TYPE_CHECKING:  # the API reads artifacts without the engine (and torch)
@@ -32,6 +34,11 @@ MEDIA_TYPES = {
     "gif": "image/gif",
 }
 METADATA = "metadata.json"
+CHUNK_BYTES = 1 << 16
+
+
+class ArtifactGone(FastgenError):
+    """A result's file is missing from the artifact store or is not the file that was stored."""
 
 
 class ArtifactStore:
@@ -63,9 +70,35 @@ class ArtifactStore:
         """A binary file object, for streaming large videos."""
         return self.fs.open(self._path(result_id, name), "rb")
 
+    def verify(self, result_id: str, artifact: Artifact) -> None:
+        """Raise ArtifactGone unless the stored file is the one the result recorded (size, then SHA-256).
+
+        Checked before a response starts, so a missing, truncated, grown or replaced file is a clear error and
+        never a 200 whose body breaks off or is not the picture. Results stored before checksums have only sizes.
+        """
+        digest, size = hashlib.sha256(), 0
+        try:
+            with self.open(result_id, artifact.name) as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise ArtifactGone(f"{artifact.name} of job {result_id} is no longer in the artifact store") from None
+        if size != artifact.bytes or (artifact.sha256 and digest.hexdigest() != artifact.sha256):
+            raise ArtifactGone(
+                f"{artifact.name} of job {result_id} is damaged in the artifact store ({size} bytes found, "
+                f"{artifact.bytes} stored{', or its SHA-256 differs' if size == artifact.bytes else ''})"
+            )
+
     def _put(self, result_id: str, name: str, data: bytes, fmt: str) -> Artifact:
         path = self._write(result_id, name, data)
-        return Artifact(name=name, url=self.fs.unstrip_protocol(path), media_type=MEDIA_TYPES[fmt], bytes=len(data))
+        return Artifact(
+            name=name,
+            url=self.fs.unstrip_protocol(path),
+            media_type=MEDIA_TYPES[fmt],
+            bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
 
     def _write(self, result_id: str, name: str, data: bytes) -> str:
         path = self._path(result_id, name)

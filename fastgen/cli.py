@@ -34,6 +34,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad FASTGEN_* settings
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        problem = service_problem(exc)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+
+
+def service_problem(exc: Exception) -> str | None:
+    """A sentence for a service that answered with an error or could not be reached (``--url``); None otherwise."""
+    if "fastgen.client" not in sys.modules:  # no command talked to a service
+        return None
+    import httpx
+
+    from fastgen.client import ServiceError
+
+    if isinstance(exc, ServiceError):
+        return f"the service answered {exc}"
+    if isinstance(exc, httpx.RequestError):  # it always knows its request
+        return f"cannot talk to the service at {exc.request.url}: {exc or type(exc).__name__}"
+    return None
 
 
 def quiet_libraries(args: argparse.Namespace) -> None:
@@ -139,8 +160,10 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
     result, data = generate_remote(args, request) if args.url else generate_here(args, settings, request)
     output = args.output or Path(f"{result.id}.{result.output_format}")
     output.write_bytes(data)
-    if args.json:
-        print(result.model_dump_json(indent=2))
+    if args.output is None:
+        print(f"no -o given: wrote {output}", file=sys.stderr)
+    if args.json:  # the result, and where this command wrote the file (the artifacts are the service's copies)
+        print(json.dumps({**result.model_dump(mode="json"), "output": str(output.resolve())}, indent=2))
     else:
         print(
             f"{output}  model={result.model} seed={result.seed} {result.width}x{result.height} "
@@ -169,6 +192,7 @@ def generate_remote(args: argparse.Namespace, request: dict) -> tuple[Generation
         try:
             job = client.submit(request)
             status = client.wait(job["id"], on_progress=lambda p: bar(SimpleNamespace(**p)))
+            bar.close(status["result"]["steps"] if status["status"] == "succeeded" else None)
             if status["status"] != "succeeded":
                 raise FastgenError(f"job {job['id']} {status['status']}: {status.get('error') or ''}".strip(": "))
             return GenerationResult.model_validate(status["result"]), client.result_bytes(job["id"])[0]
@@ -256,7 +280,7 @@ class ProgressBar:
 
     def __init__(self, width: int = 30, stream=sys.stderr):
         self.width, self.stream = width, stream
-        self.last_step = 0
+        self.last_step, self.open = 0, False
 
     def __call__(self, progress) -> None:
         if progress.step == self.last_step:  # polling a remote job sees the same step several times
@@ -264,9 +288,18 @@ class ProgressBar:
         self.last_step = progress.step
         filled = round(self.width * progress.step / max(progress.total, 1))
         bar = "#" * filled + "-" * (self.width - filled)
-        end = "\n" if progress.step >= progress.total else ""
+        self.open = progress.step < progress.total
+        end = "" if self.open else "\n"
         self.stream.write(f"\r[{bar}] step {progress.step}/{progress.total}  ETA {progress.eta_s:5.1f}s{end}")
         self.stream.flush()
+
+    def close(self, total: int | None = None) -> None:
+        """End the line: drawn full when the job finished (polling may have missed its last steps), else as it is."""
+        if total and self.last_step != total:
+            self(SimpleNamespace(step=total, total=total, eta_s=0.0))
+        elif self.open:
+            self.stream.write("\n")
+            self.open = False
 
 
 def list_models(args: argparse.Namespace, settings: Settings) -> int:

@@ -201,7 +201,7 @@ class Engine:
         """Validate against the limits and the model; return the spec and the request with defaults filled."""
         request = parse_request(request, self.settings.limits)
         spec = self.registry.resolve(request.model or self.settings.default_model)
-        return spec, spec.complete(request)
+        return spec, spec.complete(request, self.settings.limits)
 
     def run(
         self,

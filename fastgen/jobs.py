@@ -27,11 +27,32 @@ from typing import Protocol
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 RETENTION_S = 7 * 24 * 3600  # how long a job's record outlives it
+# A Redis that hangs (stopped, partitioned) must fail a request within seconds, not hold it: every call to it is
+# bounded, and a timeout is never retried (a retry would double the wait a caller sees).
+REDIS_CONNECT_TIMEOUT_S = 2
+REDIS_TIMEOUT_S = 3
+SQLITE_BUSY_S = 5  # how long a write waits for another process's lock on the embedded store
 LEASE_S = 5.0  # a running job's worker renews its lease every second; one not renewed this long has stopped
 
 
 class StoreUnavailable(Exception):
-    """The job store (Redis) cannot be reached."""
+    """The job store (Redis, or the SQLite file) cannot be reached or read."""
+
+
+def redis_client(url: str):
+    """A Redis client whose every call ends within REDIS_TIMEOUT_S, answered or not."""
+    import redis
+
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S, retry_on_timeout=False
+    )
+
+
+def redis_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis is down, hung or unreachable (redis-py's TimeoutError is no ConnectionError)."""
+    import redis
+
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -94,9 +115,7 @@ class RedisJobStore:
     """Job records as Redis hashes; queued/running sets and counters kept up to date as jobs move."""
 
     def __init__(self, url: str, prefix: str = "fastgen"):
-        import redis
-
-        self.redis = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        self.redis = redis_client(url)
         self.prefix = prefix
 
     def _key(self, *parts: str) -> str:
@@ -104,12 +123,12 @@ class RedisJobStore:
 
     @contextmanager
     def _reachable(self) -> Iterator[None]:
-        import redis
-
         try:
             yield
-        except redis.exceptions.ConnectionError as exc:
-            raise StoreUnavailable(f"Redis job store unreachable: {exc}") from None
+        except Exception as exc:
+            if redis_fault(exc):
+                raise StoreUnavailable(f"the Redis job store did not answer: {exc}") from None
+            raise
 
     def add(self, job: JobRecord) -> None:
         with self._reachable():
@@ -229,12 +248,17 @@ class SqliteJobStore:
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         # A connection per call: the store is used from API threads and forked worker processes alike.
-        db = sqlite3.connect(self.path, timeout=30)
         try:
-            with db:
-                yield db
-        finally:
-            db.close()
+            db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_S)
+            try:
+                with db:
+                    yield db
+            finally:
+                db.close()
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as exc:  # locked past the timeout, unreadable, not a database
+            raise StoreUnavailable(f"the job store {self.path} cannot be used: {exc}") from None
 
     def add(self, job: JobRecord) -> None:
         with self._db() as db:

@@ -7,11 +7,13 @@ names the field and the limit.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.json_schema import DEFAULT_REF_TEMPLATE
 from pydantic_core import PydanticCustomError
 
 from fastgen.errors import FieldError, InvalidRequest
@@ -31,6 +33,7 @@ UPPER_LIMITS = {
     "num_frames": "max_frames",
 }
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+LORA_NAME_SCHEMA = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # the same rule for tools, ".." included
 SparseAttentionMode = Literal["off", "window", "video-heads"]
 SPARSE_ATTENTION_MODES: tuple[str, ...] = ("off", "window", "video-heads")
 
@@ -49,13 +52,18 @@ def _over(limit_name: str, limit: float, value: float, what: str = "must be at m
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict at the edge: unknown fields, a bool or a string where a number belongs, NaN and infinity are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class LoraRef(Strict):
     """One adapter from the LoRA library, by name, with its strength."""
 
-    name: str = Field(description="Adapter name in the LoRA library (letters, digits, _ . -)")
+    name: str = Field(
+        description="Adapter name in the LoRA library (letters, digits, _ . -)",
+        json_schema_extra={"pattern": LORA_NAME_SCHEMA},
+    )
     scale: float = Field(1.0, ge=-4.0, le=4.0, description="Adapter strength")
 
     @field_validator("name")
@@ -96,11 +104,23 @@ class ParallelOptions(Strict):
         return self.mode is not None or self.cfg is not None
 
 
+def _settings_need_a_mode_schema(schema: dict[str, Any]) -> None:
+    """The door's rule in JSON Schema, for tools: settings only with a mode other than off."""
+    settings = [name for name in schema["properties"] if name != "mode"]
+    on = [mode for mode in SPARSE_ATTENTION_MODES if mode != "off"]
+    schema["anyOf"] = [
+        {"required": ["mode"], "properties": {"mode": {"enum": on}}},
+        {"properties": {name: {"type": "null"} for name in settings}},
+    ]
+
+
 class SparseAttentionOptions(Strict):
     """Sparse self-attention for DiTs (Re-ttention's statistical reshape; Sparse VideoGen's spatial/temporal heads).
 
     Null fields take the model's defaults for the mode (``fastgen models`` lists them).
     """
+
+    model_config = ConfigDict(json_schema_extra=_settings_need_a_mode_schema)
 
     mode: SparseAttentionMode = Field(
         "off",
@@ -156,7 +176,9 @@ class GenerationRequest(Strict):
 
     prompt: str = Field(min_length=1, description="What to draw")
     negative_prompt: str = Field("", description="What to steer away from (used with guidance > 1)")
-    model: str | None = Field(None, description="Model name, local pipeline directory or hub id; null: default")
+    model: str | None = Field(
+        None, min_length=1, description="Model name, local pipeline directory or hub id; null or absent: the default"
+    )
     width: int | None = Field(None, ge=8, description="Pixels; a multiple of the model's size step")
     height: int | None = Field(None, ge=8, description="Pixels; a multiple of the model's size step")
     steps: int | None = Field(None, ge=1, description="Denoising steps")
@@ -227,12 +249,70 @@ def _field_error(error: dict) -> FieldError:
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         message = "is not a known field"
+    elif error["type"] == "json_invalid":
+        message = _json_problem(error.get("ctx", {}).get("error", message))
+    elif error["type"] in TYPE_WORDS:
+        message = f"must be {TYPE_WORDS[error['type']]}, got {_shown(error.get('input'))}"
+    elif error["type"] == "string_too_short" and field == "model":
+        message = "must not be empty; leave it out (or null) for the default model"
     return FieldError(field, message)
 
 
-def request_schema(limits: Limits) -> dict[str, Any]:
+TYPE_WORDS = {
+    "int_type": "an integer (a JSON number, not a string or a boolean)",
+    "float_type": "a number (not a string or a boolean)",
+    "bool_type": "true or false",
+    "string_type": "a string",
+}
+
+
+def _shown(value: Any) -> str:
+    """The offending input as JSON, cut short: a message never echoes a whole oversized value."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_problem(detail: str) -> str:
+    """The parser's words for a body that is not JSON, with the cases people hit said plainly."""
+    where = detail[detail.rfind(" at line ") :] if " at line " in detail else ""
+    if "surrogate" in detail or "hex escape" in detail:
+        return (
+            "is not valid JSON: a \\u escape is half of a UTF-16 surrogate pair (\\ud800-\\udfff) with no other "
+            f"half{where}; send text as UTF-8 or as a whole pair"
+        )
+    return f"is not valid JSON: {detail.removeprefix('Invalid JSON: ')}"
+
+
+def default_limit_errors(asked: GenerationRequest, filled: GenerationRequest, limits: Limits) -> list[FieldError]:
+    """A model default that the operator's limits forbid is refused, not clamped: clamping would quietly change
+    the picture (fewer steps, another size), and the caller can always ask for a value within the limit."""
+    errors = []
+    for name, limit_name in UPPER_LIMITS.items():
+        limit, value = getattr(limits, limit_name), getattr(filled, name)
+        if getattr(asked, name) is None and value is not None and value > limit:
+            env = f"FASTGEN_{limit_name.upper()}"
+            message = (
+                f"not given, and model {filled.model!r}'s default of {value} is over the limit of {limit} ({env})"
+            )
+            errors.append(FieldError(name, f"{message}; ask for at most {limit}"))
+    pixels = filled.width * filled.height
+    if (asked.width is None or asked.height is None) and pixels > limits.max_pixels:
+        errors.append(
+            FieldError(
+                "width" if asked.width is None else "height",
+                f"model {filled.model!r}'s default size gives {filled.width} x {filled.height} = {pixels} pixels, "
+                f"over the limit of {limits.max_pixels} (FASTGEN_MAX_PIXELS); ask for a smaller width and height",
+            )
+        )
+    return errors
+
+
+def request_schema(limits: Limits, ref_template: str = DEFAULT_REF_TEMPLATE) -> dict[str, Any]:
     """The request's JSON schema with this service's limits written in as maxima."""
-    schema = GenerationRequest.model_json_schema()
+    schema = GenerationRequest.model_json_schema(ref_template=ref_template)
     props = schema["properties"]
     for name, limit_name in UPPER_LIMITS.items():
         _nullable_variant(props[name])["maximum"] = getattr(limits, limit_name)
@@ -254,6 +334,9 @@ class Artifact(BaseModel):
     url: str
     media_type: str
     bytes: int
+    sha256: str | None = Field(
+        None, description="SHA-256 of the file, hex (null for results stored before checksums were recorded)"
+    )
 
 
 class AccelerationReport(BaseModel):

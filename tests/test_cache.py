@@ -133,7 +133,12 @@ def test_a_dissimilar_prompt_misses(engine, minilm_cache_dir):
     run = cached_engine(engine, make_cache(minilm_cache_dir))
     run.run({"prompt": CAPTION, **SHAPES})
     report = cache_report(run.run({"prompt": "an astronaut riding a horse on the moon, oil painting", **SHAPES}))
-    assert report["hit"] is False and report["reason"] == "no similar earlier prompt"
+    assert report["hit"] is False and report["reason"].startswith("the nearest earlier prompt is 0."), report
+    assert "alike, below the policy's lowest 0.65" in report["reason"], report
+    strict = run.run(
+        {"prompt": CAPTION.replace("red", "blue"), **SHAPES, "accelerate": {"cache": {"min_similarity": 1.0}}}
+    )
+    assert "below min_similarity 1.00" in cache_report(strict)["reason"], cache_report(strict)
 
 
 @pytest.mark.parametrize(
@@ -278,6 +283,20 @@ def test_a_readable_state_that_does_not_fit_the_request_is_a_logged_miss_and_its
     np.testing.assert_array_equal(pixels(again), pixels(first))
 
 
+def test_a_pixart_that_bins_its_size_may_resume_at_the_binned_size_too(engine):
+    """PixArt draws at its nearest trained size unless its call turns binning off, which the cache cannot see: both
+    shapes fit, any other does not."""
+    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    tiny = engine.pool.get(engine.registry.resolve("tiny-pixart"))[0].pipe
+    transformer = PixArtTransformer2DModel.from_config({**tiny.transformer.config, "sample_size": 32})
+    pipe = PixArtSigmaPipeline(**{**tiny.components, "transformer": transformer})
+    shapes = resume.latent_shapes(pipe, width=200, height=264, num_frames=None)  # bins to 224 x 288 at 256 px
+    assert shapes == {(1, 4, 264 // 8, 200 // 8), (1, 4, 288 // 8, 224 // 8)}, shapes
+    sd = engine.pool.get(engine.registry.resolve("tiny-sd"))[0].pipe
+    assert resume.latent_shapes(sd, width=64, height=96, num_frames=None) == {(1, 4, 12, 8)}  # SD never bins
+
+
 def test_counters_and_metrics(engine, tmp_path):
     cache = make_cache(tmp_path, embedder="pipeline")
     run = cached_engine(engine, cache)
@@ -300,7 +319,7 @@ def test_counters_and_metrics(engine, tmp_path):
 
             return Histogram(LATENCY_BUCKETS, (0,) * len(LATENCY_BUCKETS), 0.0, 0)
 
-    text = render_metrics(NoJobs(), counters)
+    text = render_metrics(NoJobs(), lambda: counters)
     assert 'fastgen_cache_hits_total{model="fastgen-shapes"} 1' in text
     assert 'fastgen_cache_steps_saved_total{model="fastgen-shapes"} 12' in text
 

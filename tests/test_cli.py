@@ -72,6 +72,13 @@ def test_bad_input_is_a_clear_error_not_a_traceback(settings, tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_a_service_that_cannot_be_reached_is_a_one_line_error(settings, tmp_path):
+    for command in (["models"], ["loras"], ["generate", "a cat", "-o", str(tmp_path / "x.png")]):
+        run = fastgen(*command, "--url", "http://127.0.0.1:9", data_dir=settings.data_dir)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, (command, run.stderr)
+        assert "error: cannot talk to the service at http://127.0.0.1:9" in run.stderr, (command, run.stderr)
+
+
 def test_unknown_model_and_file_type_are_clear_errors(settings, tmp_path):
     run = fastgen("generate", "a cat", "-m", "nope", data_dir=settings.data_dir)
     known = "fastgen-shapes, tiny-pixart, tiny-sd, tiny-wan"

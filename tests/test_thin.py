@@ -122,3 +122,15 @@ def test_models_with_url_lists_the_services_models(service, tmp_path):
     assert [m["name"] for m in models] == [MODEL] and models[0]["kind"] == "image"
     table = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and table.stdout.split()[0] == MODEL, table.stderr
+
+
+def test_generate_through_a_service_ends_its_progress_line_and_says_where_the_file_went(service, tmp_path):
+    env = {**service_env(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}
+    command = [sys.executable, "-m", "fastgen", "generate", "a red circle", *TINY_JOB, "--url", service.url, "--json"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "step 2/2  ETA   0.0s\n" in run.stderr, run.stderr  # drawn to the end even if polling missed steps
+    result = json.loads(run.stdout)
+    written = Path(result["output"])
+    assert written.parent == tmp_path and written.read_bytes().startswith(b"\x89PNG")
+    assert f"no -o given: wrote {written.name}" in run.stderr

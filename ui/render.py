@@ -39,6 +39,11 @@ def progress_html(job: Job | None) -> str:
     return _bar(job.status, fraction, text)
 
 
+def refused_html(text: str) -> str:
+    """The bar for a submission the service did not queue."""
+    return _bar("refused", 0, text)
+
+
 def _progress(job: Job) -> tuple[int, int, float]:
     progress = job.progress or {}
     return int(progress.get("step", 0)), int(progress.get("total", 0)), float(progress.get("eta_s", 0.0))
@@ -75,6 +80,12 @@ def _reason(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def unusable_text(models: list[dict[str, Any]]) -> tuple[str, list[dict[str, str]]]:
+    """The served models the service could not read, each with why (the others are offered as usual)."""
+    fields = [{"field": str(m.get("name")), "message": str(m.get("error", "cannot be used"))} for m in models]
+    return "Some of the service's models cannot be used:", fields
+
+
 def problem_html(headline: str, fields: list[dict[str, str]] | None = None) -> str:
     items = "".join(
         f"<li><code>{escape(str(f.get('field', 'request')))}</code>: {escape(str(f.get('message', '')))}</li>"
@@ -83,6 +94,12 @@ def problem_html(headline: str, fields: list[dict[str, str]] | None = None) -> s
     return (
         f'<div class="fg-problem" role="alert"><b>{escape(headline)}</b>{f"<ul>{items}</ul>" if items else ""}</div>'
     )
+
+
+def field_problems_html(problems: list[tuple[str, str]]) -> str:
+    """What the service said about one control's fields, shown right under that control ("" when nothing)."""
+    items = "".join(f"<li><b>{escape(label)}</b>: {escape(message)}</li>" for label, message in problems)
+    return f'<ul class="fg-field-problem" role="alert">{items}</ul>' if items else ""
 
 
 def metadata_html(job: Job | None) -> str:

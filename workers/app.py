@@ -18,6 +18,7 @@ from pathlib import Path
 from celery import Celery
 from kombu import Exchange, Queue
 
+from fastgen.jobs import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S
 from fastgen.settings import Settings
 
 TASK_NAME = "fastgen.generate"
@@ -36,6 +37,11 @@ def queue_name(model: str) -> str:
 def visibility_timeout(job_timeout_s: int) -> int:
     """Longer than any job may run, so a slow job is never handed to a second worker while it runs."""
     return job_timeout_s + min(VISIBILITY_MARGIN_S, job_timeout_s)
+
+
+def soft_time_limit(job_timeout_s: int) -> int:
+    """When a job is stopped as too long (the hard limit, ``job_timeout_s``, kills its process a little later)."""
+    return max(job_timeout_s - 5, 1)
 
 
 def is_redis(url: str | None) -> bool:
@@ -59,7 +65,7 @@ def create_celery(settings: Settings, models: list[str]) -> Celery:
         # waited never reads running.
         task_track_started=False,
         task_time_limit=settings.job_timeout_s,
-        task_soft_time_limit=max(settings.job_timeout_s - 5, 1),
+        task_soft_time_limit=soft_time_limit(settings.job_timeout_s),
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
@@ -93,10 +99,13 @@ def _transport(settings: Settings) -> dict:
                 "visibility_timeout": visibility_timeout(settings.job_timeout_s),
                 "unacked_restore_interval": 1,
                 "unacked_restore_throttle": 1,
-                "socket_connect_timeout": 2,
+                "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+                "socket_timeout": REDIS_TIMEOUT_S,  # a hung Redis fails a submission in seconds (default: never)
             },
-            "result_backend_transport_options": {"socket_connect_timeout": 2},
-            "redis_socket_connect_timeout": 2,
+            "result_backend_transport_options": {"socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S},
+            "redis_socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+            "redis_socket_timeout": REDIS_TIMEOUT_S,  # Celery's default is 120 s
+            "redis_retry_on_timeout": False,
             "redis_backend_health_check_interval": 30,
         }
     if settings.broker_url:

@@ -8,18 +8,19 @@ cannot disagree) and told in five words: queued, running, succeeded, failed, can
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from contextlib import contextmanager
 from typing import Any, Literal
 
 from celery import Celery
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from fastgen.cache import open_door_embedder
 from fastgen.cache.embedder import DoorEmbedder
 from fastgen.errors import FastgenError, InvalidRequest
-from fastgen.jobs import JobRecord, JobStore, StoreUnavailable, open_job_store
+from fastgen.jobs import JobRecord, JobStore, StoreUnavailable, open_job_store, redis_fault
 from fastgen.lora.library import LoraLibrary
 from fastgen.models.registry import ModelRegistry
 from fastgen.request import GenerationRequest, GenerationResult, parse_request
@@ -27,6 +28,7 @@ from fastgen.settings import Settings
 from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME, create_celery, queue_name
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+logger = logging.getLogger(__name__)
 CELERY_STATES: dict[str, JobState] = {
     "PENDING": "queued",
     "RECEIVED": "queued",
@@ -40,12 +42,16 @@ CELERY_STATES: dict[str, JobState] = {
 }
 
 
+UNREADABLE = "the job's stored result is damaged and cannot be read; submit the job again"
 LOST_WORKER = "the worker running attempt {attempt} stopped; the job waits in its queue to run again"
 
 
 class JobNotFound(FastgenError):
+    SHOWN_CHARS = 64  # a 404 never echoes an attacker's 100 kB id back
+
     def __init__(self, job_id: str):
-        super().__init__(f"no job {job_id!r}")
+        shown = job_id if len(job_id) <= self.SHOWN_CHARS else f"{job_id[: self.SHOWN_CHARS]}... ({len(job_id)} chars)"
+        super().__init__(f"no job {shown!r}")
 
 
 class QueueUnavailable(FastgenError):
@@ -99,7 +105,7 @@ class JobQueue:
         model = request.model or self.settings.default_model
         if model not in self.models:
             raise InvalidRequest.one("model", f"{model!r} is not served here; served models: {', '.join(self.models)}")
-        request = self.registry.resolve(model).complete(request)
+        request = self.registry.resolve(model).complete(request, self.settings.limits)
         for i, lora in enumerate(request.loras):
             self.loras.get(lora.name, f"loras[{i}]")  # unknown or unusable: a 422 that lists the library
         return request
@@ -131,21 +137,30 @@ class JobQueue:
 
     def status(self, job_id: str, tenant: str | None = None) -> JobStatus:
         job = self.job(job_id, tenant)
-        with self._reachable():
-            meta = self.celery.backend.get_task_meta(job_id)
-        return self._status(job, meta)
+        return self._status(job, self._meta(job_id))
 
     def cancel(self, job_id: str, tenant: str | None = None) -> JobStatus:
         """Ask the job to stop: a queued job never starts, a running one stops at its next step."""
         job = self.job(job_id, tenant)
         with self._reachable():
             self.jobs.request_cancel(job_id)
-            meta = self.celery.backend.get_task_meta(job_id)
+            meta = self._meta(job_id)
             if self._status(job, meta).status == "queued":  # waiting, or back in the queue after its worker died
                 self.celery.backend.store_result(job_id, {"step": 0, "total": 0}, CANCELLED)
                 self.jobs.finished(job_id, "cancelled")
-                meta = self.celery.backend.get_task_meta(job_id)
+                meta = self._meta(job_id)
         return self._status(job, meta)
+
+    def _meta(self, job_id: str) -> dict:
+        """The backend's record of the job; one that cannot be read fails this job only, never the endpoint."""
+        with self._reachable():
+            try:
+                return self.celery.backend.get_task_meta(job_id)
+            except Exception as exc:
+                if isinstance(exc, OSError) or _is_connection_error(exc):
+                    raise  # the backend is unreachable: a 503, not this job's fault
+                logger.warning("job %s: its result record cannot be read: %s", job_id, exc)
+                return {"status": "FAILURE", "result": f"{UNREADABLE} ({type(exc).__name__}: {exc})"}
 
     def check(self) -> None:
         """Raise QueueUnavailable unless the job store and the broker answer."""
@@ -169,7 +184,11 @@ class JobQueue:
         if state in ("running", "cancelled") and isinstance(info, dict) and "step" in info:
             status.progress = JobProgress(**{k: info[k] for k in JobProgress.model_fields if k in info})
         elif state == "succeeded":
-            status.result = GenerationResult.model_validate(info)
+            try:
+                status.result = GenerationResult.model_validate(info)
+            except ValidationError as exc:
+                logger.warning("job %s: its stored result does not validate: %s", job.id, exc)
+                status.status, status.error = "failed", f"{UNREADABLE} (it is not a GenerationResult)"
         elif state == "failed":
             status.error = failure_text(info)
         return status
@@ -195,6 +214,5 @@ def failure_text(info: Any) -> str:
 
 def _is_connection_error(exc: Exception) -> bool:
     import kombu.exceptions
-    import redis.exceptions
 
-    return isinstance(exc, kombu.exceptions.OperationalError | redis.exceptions.ConnectionError | TimeoutError)
+    return redis_fault(exc) or isinstance(exc, kombu.exceptions.OperationalError | TimeoutError)

@@ -195,9 +195,13 @@ def progress_publisher(task: Task, attempt: int):
     return publish
 
 
+def time_limit_message(settings: Settings) -> str:
+    return f"the job ran longer than the limit of {settings.job_timeout_s}s (FASTGEN_JOB_TIMEOUT_S)"
+
+
 def failure_message(exc: Exception, settings: Settings) -> str:
     if isinstance(exc, SoftTimeLimitExceeded):
-        return f"the job ran longer than the limit of {settings.job_timeout_s}s (FASTGEN_JOB_TIMEOUT_S)"
+        return time_limit_message(settings)
     if isinstance(exc, FastgenError):
         return str(exc)
     logger.exception("job failed")

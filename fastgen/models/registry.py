@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastgen.errors import FieldError, InvalidRequest, ModelLoadError, UnknownModel
-from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, GenerationRequest, SparseAttentionOptions
+from fastgen.request import (
+    IMAGE_FORMATS,
+    VIDEO_FORMATS,
+    GenerationRequest,
+    SparseAttentionOptions,
+    default_limit_errors,
+)
+from fastgen.settings import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +121,9 @@ class ModelSpec:
     def default_format(self) -> str:
         return "mp4" if self.kind == "video" else "png"
 
-    def complete(self, request: GenerationRequest) -> GenerationRequest:
-        """Fill the request's unset fields from this model's defaults and check what it asks for."""
+    def complete(self, request: GenerationRequest, limits: Limits | None = None) -> GenerationRequest:
+        """Fill the request's unset fields from this model's defaults and check what it asks for (and, given the
+        operator's ``limits``, that the defaults it takes are within them)."""
         filled = request.model_copy(
             update={
                 "model": self.name,
@@ -130,6 +138,7 @@ class ModelSpec:
         )
         filled = self._fill_sparse_attention(filled)
         errors = [
+            *(default_limit_errors(request, filled, limits) if limits else []),
             *self._size_errors(filled),
             *self._video_errors(request, filled),
             *self._acceleration_errors(filled),
@@ -402,7 +411,7 @@ class ModelRegistry:
 
 
 def spec_from_config(name: str, index: dict[str, Any], source: str) -> ModelSpec:
-    pipeline_class = index.get("_class_name", "")
+    pipeline_class = index.get("_class_name", "") if isinstance(index, dict) else ""
     family = PIPELINE_FAMILIES.get(pipeline_class)
     if family is None:
         raise InvalidRequest.one(
@@ -417,16 +426,28 @@ def _read_local_index(path: Path) -> dict[str, Any]:
     index = path / "model_index.json"
     if not index.is_file():
         raise InvalidRequest.one("model", f"{str(path)!r} is a directory but has no model_index.json")
-    return json.loads(index.read_text())
+    try:
+        return json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest.one("model", f"{str(index)!r} cannot be read as JSON: {exc}") from None
 
 
 def _read_hub_index(repo_id: str) -> dict[str, Any]:
-    from diffusers import DiffusionPipeline
+    # huggingface_hub alone (no diffusers, no torch): the door reads a hub model's config without the model stack.
+    from huggingface_hub import constants, errors, hf_hub_download
 
     try:
-        return DiffusionPipeline.load_config(repo_id)
-    except Exception as exc:  # offline, private, missing: all mean "cannot use this model here"
-        raise InvalidRequest.one("model", f"could not read hub model {repo_id!r}: {_first_line(exc)}") from None
+        return json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text())
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
+        hub = "is switched off here (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "cannot be reached"
+        message = f"hub model {repo_id!r} is not downloaded on this machine and the hub {hub}"
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError):
+        message = f"hub model {repo_id!r} does not exist or is private (a token with access is needed)"
+    except errors.EntryNotFoundError:
+        message = f"hub repository {repo_id!r} is not a diffusers pipeline (it has no model_index.json)"
+    except Exception as exc:  # a broken download or config: still "cannot use this model here"
+        message = f"could not read hub model {repo_id!r}: {_first_line(exc)}"
+    raise InvalidRequest.one("model", f"{message}; download it first or use a local pipeline directory")
 
 
 def _first_line(exc: Exception) -> str:
