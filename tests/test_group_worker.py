@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -141,6 +142,27 @@ def test_a_dead_rank_takes_the_group_down_and_its_job_is_redelivered(service, cl
         service.group = group_worker(service.env, service.data_dir / "group.log")
     assert status["status"] == "succeeded", status
     assert service.redis.hget(f"fastgen:job:{running['id']}", "attempts") == b"2"
+
+
+def test_a_job_past_the_time_limit_fails_on_every_rank_and_the_group_serves_the_next(redis_url, tmp_path):
+    """Rank 0 runs Celery's solo pool, which keeps no time limit: the group stops the job between steps itself."""
+    base, _, _ = redis_url.rpartition("/")  # a database of its own: the module's group does not take these jobs
+    env = service_env(tmp_path, broker_url=f"{base}/4", job_timeout_s="10", cache_default="false")
+    group = group_worker(env, tmp_path / "group.log", models="tiny-sd")
+    api = Api(env, tmp_path / "api.log")
+    try:
+        with api.client() as client:
+            started = time.monotonic()
+            slow = job(width=512, height=512, steps=100, accelerate={"parallel": {"cfg": False}})
+            status = client.wait(client.submit(slow)["id"], timeout_s=120)
+            assert status["status"] == "failed", status
+            assert status["error"] == "the job ran longer than the limit of 10s (FASTGEN_JOB_TIMEOUT_S)"
+            assert time.monotonic() - started < 60  # stopped at its 5 s soft limit, give or take a step
+            assert client.wait(client.submit(job())["id"], timeout_s=60)["status"] == "succeeded"
+        assert group.process.poll() is None, group.log()
+    finally:
+        api.stop()
+        group.stop()
 
 
 def test_a_multi_device_worker_runs_one_job_at_a_time(tmp_path):

@@ -7,8 +7,9 @@ For each job it fixes the seed and hands the job to the other ranks over a contr
 only the denoiser's work is split. Rank 0 publishes progress and stores the result.
 
 Everything every rank must agree on goes through the control group, from rank 0, at the same point of the run:
-the job, whether it was cancelled (asked after every step), and the approximate cache's hit (its state is sent
-to the others, so no rank looks anything up by itself).
+the job, whether it was cancelled or ran past FASTGEN_JOB_TIMEOUT_S (asked after every step: the solo pool keeps
+no time limit), and the approximate cache's hit (its state is sent to the others, so no rank looks anything up by
+itself).
 
 Failure: when any rank dies the supervisor takes the whole group down and exits non-zero. A rank 0 whose
 collective fails hands its job back to the queue (Celery ``Reject(requeue=True)``) before exiting; a rank 0 that
@@ -41,8 +42,8 @@ from fastgen.errors import FastgenError
 from fastgen.parallel import layout
 from fastgen.parallel.groups import free_port
 from fastgen.settings import Settings
-from fastgen.workers.app import create_celery, start_worker
-from fastgen.workers.tasks import GroupBroken, WorkerContext, register_tasks
+from fastgen.workers.app import create_celery, soft_time_limit, start_worker
+from fastgen.workers.tasks import GroupBroken, WorkerContext, register_tasks, time_limit_message
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +73,40 @@ class GroupJob:
     tenant: str
 
 
-class GroupCancel:
-    """Rank 0's cancel flag, agreed by every rank at the same step (so all stop together)."""
+class JobTimedOut(FastgenError):
+    """A group job past FASTGEN_JOB_TIMEOUT_S: stopped between steps on every rank, so the group stays in step."""
 
-    def __init__(self, group: RankGroup, local: CancelFlag | None = None):
-        self.group, self.local = group, local
+
+GO_ON, CANCEL, TIME_UP = 0, 1, 2  # rank 0's verdict after each step
+
+
+class GroupCancel:
+    """Rank 0's verdict after each step, agreed by every rank at the same step (so all stop together).
+
+    Cancelled (rank 0's ``local`` flag), or past ``deadline`` (monotonic; raises JobTimedOut with ``limit_message``
+    on every rank): rank 0 runs Celery's solo pool, which enforces no time limit, so the group keeps it here.
+    """
+
+    def __init__(
+        self,
+        group: RankGroup,
+        local: CancelFlag | None = None,
+        deadline: float | None = None,
+        limit_message: str = "the job ran longer than its time limit",  # rank 0's is the one reported
+    ):
+        self.group, self.local, self.deadline, self.limit_message = group, local, deadline, limit_message
 
     def is_set(self) -> bool:
-        flag = torch.tensor([int(self.group.rank == 0 and self.local is not None and self.local.is_set())])
-        dist.broadcast(flag, src=0, group=self.group.control)
-        return bool(flag.item())
+        verdict = torch.tensor([self._verdict() if self.group.rank == 0 else GO_ON])
+        dist.broadcast(verdict, src=0, group=self.group.control)
+        if verdict.item() == TIME_UP:
+            raise JobTimedOut(self.limit_message)
+        return verdict.item() == CANCEL
+
+    def _verdict(self) -> int:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return TIME_UP
+        return CANCEL if self.local is not None and self.local.is_set() else GO_ON
 
 
 class GroupCache:
@@ -261,9 +286,10 @@ class GroupWorkerContext(WorkerContext):
         embedded: PromptEmbedding | None = None,
     ) -> Generation:
         payload = _with_seed(payload)
+        deadline = time.monotonic() + soft_time_limit(self.settings.job_timeout_s)  # as the prefork soft limit
         self.group.share(GroupJob(payload, result_id, tenant))
         try:
-            cancel = GroupCancel(self.group, cancel)
+            cancel = GroupCancel(self.group, cancel, deadline, time_limit_message(self.settings))
             return self.engine.run(
                 payload, on_step=on_step, cancel=cancel, result_id=result_id, tenant=tenant, embedded=embedded
             )
