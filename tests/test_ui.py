@@ -295,20 +295,97 @@ def _wait_for_step(tab, at_least: int) -> int:
     return int(re.search(r"step (\d+) of 100", progress_text(tab)).group(1))
 
 
-def test_an_invalid_size_shows_the_validation_message(page):
+def test_a_refused_request_shows_each_problem_under_its_field(page):
     choose_model(page, "tiny-sd")
     page.locator("#prompt textarea").fill("a cat")
     set_number(page, "width", 60)
     page.locator("#generate").click()
-    page.wait_for_function("() => document.querySelector('#problem .fg-problem')", timeout=30_000)
-    problem = page.locator("#problem").inner_text()
-    assert "refused" in problem and "width" in problem and "multiple of 8" in problem, problem
+    size = page.locator("#problem-size")
+    page.wait_for_function("() => document.querySelector('#problem-size')?.innerText.includes('8')", timeout=30_000)
+    assert "Width" in size.inner_text() and "multiple of 8" in size.inner_text(), size.inner_text()
+    field, message = page.locator("#width").bounding_box(), size.bounding_box()
+    assert 0 <= message["y"] - (field["y"] + field["height"]) < 60  # right under the size row, not under the buttons
+    assert page.locator("#problem-sampling").is_hidden() and page.locator("#problem-prompt").is_hidden()
+    assert "Refused" in progress_text(page) and "No job yet" not in progress_text(page)
+    assert "refused" in page.locator("#problem").inner_text()
     set_number(page, "width", 5000)
+    page.locator("#prompt textarea").fill("")
     page.locator("#generate").click()
-    page.wait_for_function("() => document.querySelector('#problem')?.innerText.includes('2048')", timeout=30_000)
-    assert "FASTGEN_MAX_SIDE" in page.locator("#problem").inner_text()
+    page.wait_for_function("() => document.querySelector('#problem-size')?.innerText.includes('2048')", timeout=30_000)
+    assert "FASTGEN_MAX_SIDE" in size.inner_text() and "Prompt" in page.locator("#problem-prompt").inner_text()
     assert page.locator("#history tr[data-job]").count() == 0  # nothing was queued
     assert "Traceback" not in page.content()
+    page.locator("#prompt textarea").fill("a cat")
+    set_number(page, "width", 64)
+    set_number(page, "steps", 2)
+    page.locator("#generate").click()
+    page.wait_for_function("() => document.querySelector('#history tr[data-job]')", timeout=30_000)
+    assert size.is_hidden() and page.locator("#problem-prompt").is_hidden()  # a queued job clears them
+
+
+def test_the_previous_result_leaves_the_screen_when_the_next_job_is_submitted(page):
+    choose_model(page, "tiny-sd")
+    set_number(page, "steps", 2)
+    page.locator("#prompt textarea").fill("a quick first job")
+    page.locator("#generate").click()
+    page.wait_for_function("() => document.querySelector('#metadata table')", timeout=WAIT_MS)
+    page.wait_for_function("() => document.querySelector('#gallery img')", timeout=WAIT_MS)
+    assert page.locator("#seed input[type=number]").is_disabled()  # still locked after a job: random is ticked
+    set_number(page, "width", 512)
+    set_number(page, "height", 512)
+    set_number(page, "steps", 100)
+    page.locator("#prompt textarea").fill("a long second job")
+    page.locator("#generate").click()
+    _wait_for_step(page, at_least=2)  # the second job runs, and the page has polled it a few times
+    assert page.locator("#metadata").inner_text().strip() == ""
+    assert page.locator("#gallery img").count() == 0 and page.locator("#downloads a").count() == 0
+    page.locator("#cancel").click()
+    page.wait_for_function(
+        "() => document.querySelector('#progress')?.innerText.includes('cancelled at step')", timeout=60_000
+    )
+
+
+def test_the_seed_box_is_locked_while_random_seed_is_ticked(page):
+    seed, random = page.locator("#seed input[type=number]"), page.locator("#random input")
+    assert random.is_checked() and seed.is_disabled()
+    choose_model(page, "tiny-wan")
+    choose_model(page, "tiny-sd")
+    assert random.is_checked() and seed.is_disabled()
+    random.uncheck()
+    page.wait_for_function("() => !document.querySelector('#seed input[type=number]').disabled", timeout=30_000)
+    seed.fill("7")
+    held = []  # the page's calls to its server wait here: the lock must not depend on an answer
+    page.route("**/gradio_api/queue/join*", lambda route: held.append(route))
+    random.check()
+    page.wait_for_function("() => document.querySelector('#seed input[type=number]').disabled", timeout=5_000)
+    page.unroute("**/gradio_api/queue/join*")
+    for route in held:
+        route.continue_()
+
+
+def test_a_page_load_and_a_job_answer_no_error_status(browser, service):
+    """Every resource the browser asks for exists: no 404 (nor any 4xx/5xx) for the page, its icon, or a job."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1100})
+    tab = context.new_page()
+    failed: list[str] = []
+    tab.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.request.method} {r.url}"))
+    # The browser fetches the site's icon on its own and reports a missing one only on the console.
+    tab.on("console", lambda m: "Failed to load resource" in m.text and failed.append(f"{m.text} {m.location}"))
+    try:
+        tab.goto(f"{service.url}/ui/")
+        tab.wait_for_function("() => document.querySelector('#model input')?.value", timeout=60_000)
+        choose_model(tab, "tiny-sd")
+        set_number(tab, "steps", 2)
+        tab.locator("#prompt textarea").fill("a small job")
+        tab.locator("#generate").click()
+        tab.wait_for_function("() => document.querySelector('#gallery img')", timeout=WAIT_MS)
+        tab.wait_for_timeout(1_000)  # the last poll's streams close
+        # A browser that already met this site may skip its icon, so ask for it the way the browser would.
+        icon = tab.evaluate("() => document.querySelector('link[rel~=icon]')?.href || '/favicon.ico'")
+        assert tab.evaluate("async url => (await fetch(url)).status", icon) == 200, icon
+    finally:
+        context.close()
+    assert not failed, failed
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,6 +11,7 @@ which controls show: frames and fps only for video models, each acceleration onl
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,16 @@ import httpx
 from fastapi import FastAPI
 
 from fastgen.client import FastgenClient, ServiceError
-from fastgen.ui.render import history_html, metadata_html, problem_html, problem_text, progress_html
+from fastgen.ui.render import (
+    field_problems_html,
+    history_html,
+    metadata_html,
+    problem_html,
+    problem_text,
+    progress_html,
+    refused_html,
+    unusable_text,
+)
 from fastgen.ui.session import Job, Session
 
 logger = logging.getLogger(__name__)
@@ -63,16 +73,40 @@ ACCELERATIONS = (
 
 LORA_INFO = "Adapters from the service's LoRA library, all at the scale beside; swapped in without reloading."
 
+# Where a refused request's problems show: a field's first name part -> the area right under the control that
+# sets it, and that control's label. Problems with fields no control sets stay under the buttons.
+FIELD_PLACES = {
+    "prompt": ("prompt", "Prompt"),
+    "negative_prompt": ("negative", "Negative prompt"),
+    "model": ("model", "Model"),
+    "width": ("size", "Width"),
+    "height": ("size", "Height"),
+    "steps": ("sampling", "Steps"),
+    "guidance": ("sampling", "Guidance"),
+    "seed": ("seed", "Seed"),
+    "num_frames": ("video", "Frames"),
+    "fps": ("video", "Frames per second"),
+    "loras": ("loras", "LoRA adapters"),
+    "accelerate": ("accelerate", "Acceleration"),
+}
+PROBLEM_AREAS = ("prompt", "negative", "model", "size", "sampling", "seed", "video", "loras", "accelerate")
+REFUSED = "The service refused the request; nothing was queued. What it said is shown under each field concerned."
+# Runs in the browser, so the seed box locks the moment the box is ticked rather than a server round trip later.
+SEED_FOLLOWS_RANDOM = "(random) => ({__type__: 'update', interactive: !random})"
+
 CSS = """
 .fg-progress { margin: 4px 0 8px; }
 .fg-track { height: 10px; border-radius: 5px; background: var(--neutral-200); overflow: hidden; }
 .fg-fill { height: 100%; background: var(--color-accent); transition: width 0.3s; }
 .fg-progress[data-state="failed"] .fg-fill { background: var(--error-text-color); }
 .fg-progress[data-state="cancelled"] .fg-fill { background: var(--neutral-400); }
+.fg-progress[data-state="refused"] .fg-progress-text { color: var(--error-text-color); }
 .fg-progress-text { margin-top: 4px; font-variant-numeric: tabular-nums; }
 .fg-problem { border: 1px solid var(--error-border-color); background: var(--error-background-fill);
   color: var(--error-text-color); border-radius: 6px; padding: 8px 12px; }
 .fg-problem ul { margin: 4px 0 0 18px; }
+.fg-field-problem { margin: 0 0 6px 18px; font-size: 0.95em; }
+.fg-field-problem li, .fg-field-problem b { color: var(--error-text-color); }
 .fg-meta th, .fg-history th { text-align: left; padding-right: 12px; font-weight: 600; }
 .fg-meta td, .fg-history td { padding: 2px 12px 2px 0; }
 .fg-history { width: 100%; font-size: 0.9em; }
@@ -140,10 +174,12 @@ class Page:
             loras = [entry["name"] for entry in self.client.loras() if "error" not in entry]
         except Exception as exc:
             return session, gr.update(choices=[], value=None), self.problem(exc), gr.skip(), gr.skip()
-        session.models = {m["name"]: m for m in models}
+        session.models = {m["name"]: m for m in models if m.get("usable", True)}
         names = list(session.models)
         picked = gr.update(choices=names, value=names[0] if names else None)
-        return session, picked, "", gr.update(choices=loras, value=[]), gr.update(visible=bool(loras))
+        unusable = [m for m in models if not m.get("usable", True)]
+        note = problem_html(*unusable_text(unusable)) if unusable else ""
+        return session, picked, note, gr.update(choices=loras, value=[]), gr.update(visible=bool(loras))
 
     def model_controls(self, session: Session, name: str | None) -> list[Any]:
         """Defaults and visibility for the chosen model: size step, video fields, usable accelerations."""
@@ -168,17 +204,29 @@ class Page:
         ]
 
     def submit(self, session: Session, *values: Any) -> list[Any]:
-        """Queue the job and return at once; the timer takes over from here."""
+        """Queue the job and return at once; the timer takes over from here. The last results leave the screen."""
         form = Form(*values[: len(Form._fields) - 1], accelerate=values[len(Form._fields) - 1 :])
         caps = session.models.get(form.model or "", {})
         request = form.request(caps)
         try:
             answer = self.client.submit(request)
         except Exception as exc:
-            return [session, self.problem(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+            return self._not_queued(session, exc)
         job = Job(answer["id"], answer["model"], caps.get("kind", "image"), form.prompt, bool(form.random_seed))
         session.add(job)
-        return [session, "", progress_html(job), history_html(session.jobs), gr.update(active=True), _cancel(True)]
+        queued = [session, "", progress_html(job), history_html(session.jobs), gr.update(active=True), _cancel(True)]
+        return queued + _cleared_results() + _problem_areas({})
+
+    def _not_queued(self, session: Session, exc: Exception) -> list[Any]:
+        """A refusal's problems under the controls they concern (the rest under the buttons); the bar says so."""
+        if isinstance(exc, ServiceError) and exc.status_code == 422:
+            placed, rest = place_problems(exc.detail or [{"field": "request", "message": exc.message}])
+            problem = problem_html(REFUSED, rest)
+            bar = refused_html("Refused by the service: nothing was queued. Its reasons are shown under the fields.")
+        else:
+            placed, problem = {}, self.problem(exc)
+            bar = refused_html("Not queued: the service could not take the job (the reason is under Generate).")
+        return [session, problem, bar, gr.skip(), gr.skip(), gr.skip()] + _cleared_results() + _problem_areas(placed)
 
     def poll(self, session: Session) -> list[Any]:
         """Read every unfinished job's status; fetch the files of the ones that have succeeded."""
@@ -191,12 +239,14 @@ class Page:
         cleared = "" if session.poll_failed else gr.skip()  # a submit's own problem stays until the next submit
         session.poll_failed = False
         busy = bool(session.unfinished())
+        # Results show once the newest job has ended: an older one ending meanwhile must not fill the area again.
+        newest_ended = bool(session.latest and session.latest.done and (ended or fetched))
         return [
             session,
             cleared,
             progress_html(session.latest),
             history_html(session.jobs),
-            *(self._results(session) if ended or fetched else [gr.skip()] * 5),
+            *(self._results(session) if newest_ended else [gr.skip()] * 5),
             gr.update(active=busy),
             _cancel(busy),
         ]
@@ -223,9 +273,9 @@ class Page:
         return job
 
     def _results(self, session: Session) -> list[Any]:
-        """Gallery, video player, download links, metadata and the raw result of the newest job."""
+        """The session's images, video and downloads (newest first); the newest job's metadata and raw result."""
         video = session.latest_video()
-        finished = next((job for job in session.jobs if job.result), None)
+        latest = session.latest
         return [
             [
                 (job.file, f"{job.prompt} (seed {job.result['seed']})")
@@ -234,9 +284,41 @@ class Page:
             ],
             gr.update(value=video.file, visible=True) if video else gr.skip(),
             [job.file for job in session.with_files()],
-            metadata_html(finished),
-            finished.result if finished else None,
+            metadata_html(latest),
+            latest.result if latest else None,
         ]
+
+
+def place_problems(detail: list[dict[str, str]]) -> tuple[dict[str, list[tuple[str, str]]], list[dict[str, str]]]:
+    """Each problem as (label, message) by the area of the control it concerns; those no control sets, as given."""
+    placed: dict[str, list[tuple[str, str]]] = {}
+    rest = []
+    for problem in detail:
+        name, *sub = re.split(r"[.\[\]]+", str(problem.get("field", "")))  # "loras[0].name", "accelerate.cache"
+        if name not in FIELD_PLACES:
+            rest.append(problem)
+            continue
+        area, label = FIELD_PLACES[name]
+        placed.setdefault(area, []).append((_sub_label(name, sub) or label, str(problem.get("message", ""))))
+    return placed, rest
+
+
+def _sub_label(name: str, sub: list[str]) -> str | None:
+    """The label of the control that sets part of a field: the LoRA scale, one acceleration."""
+    if name == "loras" and sub and sub[-1] == "scale":
+        return "LoRA scale"
+    if name == "accelerate" and sub:
+        return next((c.label for c in ACCELERATIONS if c.name == sub[0]), None)
+    return None
+
+
+def _cleared_results() -> list[Any]:
+    """Gallery, video, downloads, metadata and raw result emptied: nothing on screen belongs to an older job."""
+    return [[], gr.update(value=None, visible=False), None, "", None]
+
+
+def _problem_areas(placed: dict[str, list[tuple[str, str]]]) -> list[Any]:
+    return [gr.update(value=field_problems_html(placed.get(a, [])), visible=a in placed) for a in PROBLEM_AREAS]
 
 
 def _describe(caps: dict[str, Any]) -> str:
@@ -284,37 +366,52 @@ def create_ui(api_url: str, api_key: str | None = None) -> gr.Blocks:
 
 
 def _form() -> dict[str, Any]:
-    f: dict[str, Any] = {}
+    f: dict[str, Any] = {"problems": {}}
+    area = f["problems"]
     f["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder="a red circle at the top left")
+    area["prompt"] = _problem_area("prompt")
     f["negative"] = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt")
+    area["negative"] = _problem_area("negative")
     f["model"] = gr.Dropdown(label="Model", choices=[], elem_id="model")
+    area["model"] = _problem_area("model")
     f["model_info"] = gr.Markdown(elem_id="model-info")
     with gr.Row():
         f["width"] = gr.Number(label="Width", precision=0, elem_id="width")
         f["height"] = gr.Number(label="Height", precision=0, elem_id="height")
+    area["size"] = _problem_area("size")
     with gr.Row():
         f["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
         f["guidance"] = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
+    area["sampling"] = _problem_area("sampling")
     with gr.Row():
         f["seed"] = gr.Number(label="Seed", value=0, precision=0, interactive=False, elem_id="seed")
         f["random_seed"] = gr.Checkbox(label="Random seed (reported with the result)", value=True, elem_id="random")
+    area["seed"] = _problem_area("seed")
     with gr.Row(visible=False, elem_id="video-controls") as f["video_row"]:
         f["frames"] = gr.Number(label="Frames", precision=0, elem_id="frames")
         f["fps"] = gr.Slider(1, 60, value=8, step=1, label="Frames per second", elem_id="fps")
+    area["video"] = _problem_area("video")
     # The LoRA picker fills from the service's library; hidden while the library is empty.
     with gr.Row(visible=False, elem_id="lora-controls") as f["lora_row"]:
         f["loras"] = gr.Dropdown(label="LoRA adapters", choices=[], multiselect=True, info=LORA_INFO, elem_id="loras")
         f["lora_scale"] = gr.Slider(-2, 2, value=1.0, step=0.05, label="LoRA scale", elem_id="lora-scale")
+    area["loras"] = _problem_area("loras")
     with gr.Group(elem_id="accelerations"):
         gr.Markdown("**Acceleration**: each one only where the chosen model can use it.")
         f["accelerate"] = [
             gr.Checkbox(label=c.label, info=c.explanation, elem_id=f"accel-{c.name}") for c in ACCELERATIONS
         ]
+    area["accelerate"] = _problem_area("accelerate")
     with gr.Row():
         f["generate"] = gr.Button("Generate", variant="primary", elem_id="generate")
         f["cancel"] = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
     f["problem"] = gr.HTML("", elem_id="problem")
     return f
+
+
+def _problem_area(name: str) -> gr.HTML:
+    """Where a refused request's problems with the control just above show; hidden while there are none."""
+    return gr.HTML("", visible=False, elem_id=f"problem-{name}")
 
 
 def _results() -> dict[str, Any]:
@@ -336,12 +433,13 @@ def _wire(blocks: gr.Blocks, page: Page, session, f: dict[str, Any], r: dict[str
     loaded = [session, f["model"], f["problem"], f["loras"], f["lora_row"]]
     blocks.load(page.load_models, [session], loaded, **quick)
     f["model"].change(page.model_controls, [session, f["model"]], model_outputs, **quick)
-    f["random_seed"].change(lambda on: gr.update(interactive=not on), [f["random_seed"]], [f["seed"]], **quick)
+    f["random_seed"].change(None, [f["random_seed"]], [f["seed"]], js=SEED_FOLLOWS_RANDOM, **quick)
     inputs = [session, f["prompt"], f["negative"], f["model"], f["width"], f["height"], f["steps"], f["guidance"]]
     inputs += [f["seed"], f["random_seed"], f["frames"], f["fps"], f["loras"], f["lora_scale"], *f["accelerate"]]
-    submitted = [session, f["problem"], r["progress"], history, timer, f["cancel"]]
-    f["generate"].click(page.submit, inputs, submitted, **quick)
     results = [r["gallery"], r["video"], r["downloads"], r["metadata"], r["result"]]
+    submitted = [session, f["problem"], r["progress"], history, timer, f["cancel"], *results]
+    submitted += [f["problems"][name] for name in PROBLEM_AREAS]
+    f["generate"].click(page.submit, inputs, submitted, **quick)
     polled = [session, f["problem"], r["progress"], history, *results, timer, f["cancel"]]
     timer.tick(page.poll, [session], polled, **quick)
     f["cancel"].click(page.cancel, [session], [session, f["problem"], r["progress"]], **quick)
