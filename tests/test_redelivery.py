@@ -1,9 +1,10 @@
-"""Jobs whose worker died, and jobs cancelled while they waited: real workers (one pool process each) on a real
-Redis and on the embedded broker.
+"""Jobs whose worker died, jobs cancelled while they waited, prompts in logs: real workers (one pool process each)
+on a real Redis and on the embedded broker.
 
 A job whose pool process is killed is handed back at the front of its queue and reads queued until it runs again;
 one whose whole worker died reads queued once its lease lapses. A job cancelled while queued is dropped by the
-worker that takes it, without ever reading running. The job stores' leases are tested directly too.
+worker that takes it, without ever reading running. No prompt reaches the worker's or the API's log at INFO. The
+job stores' leases are tested directly too.
 """
 
 from __future__ import annotations
@@ -142,6 +143,26 @@ def test_a_job_cancelled_while_queued_never_starts(on_redis):
     assert [s for s in seen if s["status"] != "cancelled" or s.get("attempts") != 0] == [], "it read otherwise"
     store = redis.Redis.from_url(on_redis.env["FASTGEN_BROKER_URL"])
     assert store.hget(f"fastgen:job:{dropped}", "attempts") is None  # no worker counted a start
+
+
+def test_prompts_stay_out_of_the_logs(on_redis):
+    marker = f"secret-{uuid.uuid4().hex}"
+    broker = redis.Redis.from_url(on_redis.env["FASTGEN_BROKER_URL"])
+    with on_redis.api.client() as client:
+        busy = client.submit(long_job(steps=100))["id"]  # so the next job waits in Redis, where it can be read
+        wait_until(lambda: running_at_step(client, busy, 1), 120, "the worker to be busy")
+        job = client.submit(quick(prompt=f"a boat named {marker}", negative_prompt=marker))["id"]
+        (message,) = [m for m in broker.lrange("fastgen.tiny-sd", 0, -1) if job.encode() in m]
+        # The request travels in the (encoded) body; the headers that task events and Celery's logs show do not
+        # repeat it.
+        assert marker.encode() not in message
+        client.cancel(busy)
+        assert client.wait(job, timeout_s=120)["status"] == "succeeded"
+    worker_log = on_redis.worker.log_path
+    # Celery logs the task's end after the result is stored: wait for its line.
+    wait_until(lambda: f"[{job}] succeeded" in worker_log.read_text(), 30, "the worker to log the job's end")
+    assert marker not in worker_log.read_text()
+    assert marker not in on_redis.api.process.log()
 
 
 def queued(status: dict) -> dict | None:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from services import Api, service_env
+from services import Api, service_env, wait_until
 
 from fastgen.lora.synthetic import write_lora
 
@@ -134,3 +134,13 @@ def test_generate_through_a_service_ends_its_progress_line_and_says_where_the_fi
     written = Path(result["output"])
     assert written.parent == tmp_path and written.read_bytes().startswith(b"\x89PNG")
     assert f"no -o given: wrote {written.name}" in run.stderr
+
+
+def test_the_service_starts_calmly(service):
+    """What starts and where to open it; no banner, no lines that read like failures."""
+    wait_until(lambda: "ready." in service.log(), 120, "the worker to be ready")
+    log = service.log()
+    assert "web page: http://" in log and "API docs: http://" in log
+    for noise in ("[queues]", "faiss.loader", "SecurityWarning", "No hostname was supplied", "Traceback", "WARNING: "):
+        assert noise not in log, (noise, log)
+    assert len(log.splitlines()) <= 12, log

@@ -11,16 +11,21 @@ a slow job is never run twice; kombu sweeps for such jobs every second instead o
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import socket
+import warnings
 from pathlib import Path
 
 from celery import Celery
+from celery.exceptions import SecurityWarning
 from kombu import Exchange, Queue
 
 from fastgen.jobs import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S
 from fastgen.settings import Settings
 
+logger = logging.getLogger(__name__)
 TASK_NAME = "fastgen.generate"
 # Our own task states, here rather than in tasks.py so the API can read them without importing torch.
 PROGRESS = "PROGRESS"
@@ -76,8 +81,30 @@ def create_celery(settings: Settings, models: list[str]) -> Celery:
     return app
 
 
+class ResultsOutOfLogs(logging.Filter):
+    """Celery's INFO line at a task's end ("Task ... succeeded in 0.4s: {...}") shows its return value, and a job's
+    result holds its request, prompt and all; every tenant's prompts would land in the worker's log. This filter
+    leaves the line and drops the value (and the arguments Celery passes along for custom handlers)."""
+
+    HIDDEN = {"return_value": "(result not logged: it holds the prompt)", "args": "(not logged)", "kwargs": "()"}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, dict) and "return_value" in record.args:
+            record.args = record.data = {**record.args, **self.HIDDEN}
+        return True
+
+
+def keep_results_out_of_logs() -> None:
+    """Install ResultsOutOfLogs on Celery's task trace logger (once; pool processes inherit it when they fork)."""
+    trace = logging.getLogger("celery.app.trace")
+    if not any(isinstance(f, ResultsOutOfLogs) for f in trace.filters):
+        trace.addFilter(ResultsOutOfLogs())
+
+
 def start_worker(app: Celery, models: list[str], pool: str, concurrency: int, name: str) -> None:
     """Consume ``models``' queues until stopped (no gossip or mingle: workers share nothing but the broker)."""
+    keep_results_out_of_logs()
+    calm_start()
     app.Worker(
         queues=[queue_name(m) for m in models],
         concurrency=concurrency,
@@ -86,7 +113,18 @@ def start_worker(app: Celery, models: list[str], pool: str, concurrency: int, na
         hostname=f"{name}@{socket.gethostname()}",
         without_gossip=True,
         without_mingle=True,
+        quiet=True,  # no banner: fastgen says what it serves in one line
     ).start()
+
+
+def calm_start() -> None:
+    """A worker's start says what starts and when it is ready, not what merely looks like failures: faiss's search
+    for CPU-specific builds (INFO lines about modules it cannot load) is hidden, and Celery's eight-line warning about
+    running as root becomes one line."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        logger.warning("the worker runs as root; a user of its own is safer (Celery's advice)")
 
 
 def _transport(settings: Settings) -> dict:
@@ -112,7 +150,7 @@ def _transport(settings: Settings) -> dict:
         return {"broker_url": settings.broker_url, "result_backend": f"file://{_folder(settings, 'results')}"}
     messages = _folder(settings, "broker")
     return {
-        "broker_url": "filesystem://",
+        "broker_url": "filesystem://localhost//",  # a host, though unused: kombu warns at every start without one
         "broker_transport": "fastgen.workers.transport:FilesystemTransport",  # a requeued job goes first
         "broker_transport_options": {
             "data_folder_in": str(messages),

@@ -120,6 +120,9 @@ class JobQueue:
                 TASK_NAME,
                 args=[request.model_dump(mode="json")],
                 kwargs={"embedded": embedded.message()} if embedded else {},
+                # What task events and Celery's logs show instead of the arguments, which hold the prompt.
+                argsrepr="(the request, not shown)",
+                kwargsrepr="(the prompt's embedding, not shown)" if embedded else "{}",
                 task_id=job.id,
                 queue=job.queue,
                 routing_key=job.queue,

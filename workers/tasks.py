@@ -169,6 +169,7 @@ def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | 
         context.jobs.finished(job_id, "failed")
         raise JobFailed(failure_message(exc, context.settings)) from None
     context.jobs.finished(job_id, "succeeded")
+    logger.info("job %s: succeeded with %d artifact(s)", job_id, len(result.artifacts))  # Celery's line omits it
     return result.model_dump(mode="json")
 
 
