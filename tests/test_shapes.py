@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fastgen.shapes import scenes as sc
-from fastgen.shapes.score import adherence, detect, score
+from fastgen.shapes.score import adherence, detect, half_side, score, style_check
 
 ATTRIBUTES = ("color", "shape", "position", "background")
 
@@ -140,3 +140,58 @@ def test_adherence_reports_fractions_per_attribute():
     assert result == {"background": 1.0, "color": 1.0, "position": 0.5, "shape": 1.0, "all": 0.5, "n": 4}
     with pytest.raises(ValueError, match="images"):
         adherence([], [])
+
+
+def test_colour_styles_draw_the_styled_scene_with_the_same_jitter():
+    scene = sc.Scene("red", "triangle", "bottom left", "white")
+    assert sc.styled(scene, "complement") == sc.Scene("green", "triangle", "bottom left", "black")
+    assert sc.styled(scene, "reverse") == sc.Scene("white", "triangle", "bottom left", "red")
+    assert sc.styled(scene, "large") == scene
+    for style in ("complement", "reverse"):
+        assert np.array_equal(sc.render(scene, 5, style), sc.render(sc.styled(scene, style), 5))
+    with pytest.raises(ValueError, match="style: 'outline' is not one of"):
+        sc.render(scene, style="outline")
+
+
+def test_large_draws_the_same_shape_bigger_in_the_same_place():
+    scene = sc.Scene("blue", "square", "center", "yellow")
+    plain, large = sc.render(scene, 9), sc.render(scene, 9, "large")
+    drawn = (plain != sc.COLORS["yellow"]).any(-1)
+    assert ((large != sc.COLORS["yellow"]).any(-1) >= drawn).all()  # covers the plain shape, and more
+    assert (large != sc.COLORS["yellow"]).any(-1).sum() > 2 * drawn.sum()
+    assert half_side(large, "square") > 8 > 7 > half_side(plain, "square")
+
+
+@pytest.mark.parametrize("style", sc.STYLES)
+def test_a_style_check_passes_on_every_render_in_that_style_and_fails_on_every_plain_one(style):
+    for i, scene in enumerate(sc.all_scenes()):
+        text = sc.caption(scene)
+        assert style_check(sc.render(scene, 1000 + i, style), text, style), (scene, style)
+        assert not style_check(sc.render(scene, 1000 + i), text, style), (scene, style)
+
+
+@pytest.mark.parametrize("style", sc.STYLES)
+def test_styled_adherence_scores_the_caption_as_the_style_draws_it(style):
+    scenes = sc.all_scenes()[::9]
+    captions = [sc.caption(s) for s in scenes]
+    styled = [sc.render(s, 2000 + i, style) for i, s in enumerate(scenes)]
+    assert adherence(styled, captions, style)["all"] == 1.0
+    plain = adherence([sc.render(s, 2000 + i) for i, s in enumerate(scenes)], captions, style)
+    if style == "large":  # same words: the size is the style check's business
+        assert plain["all"] == 1.0
+    else:
+        assert plain["color"] == plain["background"] == 0.0 and plain["position"] == plain["shape"] == 1.0
+
+
+def test_style_checks_fail_on_a_blank_image_and_an_unparseable_caption():
+    blank = np.full((32, 32, 3), sc.COLORS["green"], dtype=np.uint8)
+    scene = sc.Scene("red", "circle", "center", "blue")
+    for style in sc.STYLES:
+        assert not style_check(blank, sc.caption(scene), style)
+        assert not style_check(sc.render(scene, style=style), "a cat on a mat", style)
+
+
+def test_scorer_is_right_on_every_large_render_even_where_the_canvas_edge_cuts_the_shape():
+    for i, scene in enumerate(sc.all_scenes()):
+        image = sc.render(scene, 1000 + i, "large")
+        assert score(image, sc.caption(scene)).all, (scene, detect(image))

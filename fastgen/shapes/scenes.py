@@ -3,6 +3,12 @@
 Every scene is described by four words, and its caption names all four:
 ``"a red circle at the top left on a blue background"``. A fixed, seeded 10% of the caption combinations is held
 out of training entirely, so a model's adherence can be measured on combinations it has never seen.
+
+A scene can also be drawn in a *style* (what the shipped LoRA adapters teach ``fastgen-shapes``), still decided by
+its caption: ``complement`` swaps every colour for its named opposite (red/green, blue/yellow, white/black),
+``reverse`` swaps the shape's colour with the background's, ``large`` draws the shape at 1.5 times its size. Only
+styles of solid shapes on plain backgrounds in the six colours: the model's 8x8x8-latent VAE cannot draw outlines or
+stripes at 32x32 (its reconstructions of such renders lose them; docs/ARCHITECTURE.md, ``shapes/``).
 """
 
 import itertools
@@ -31,6 +37,9 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "center": (16.0, 16.0),
 }
 HALF_SIDE = 6.0  # half the shape's bounding-box side, before jitter
+LARGE_HALF_SIDE = 9.0  # the ``large`` style's: jittered to 8-10, clear of the plain 5-7
+COMPLEMENT = {"red": "green", "green": "red", "blue": "yellow", "yellow": "blue", "white": "black", "black": "white"}
+STYLES = ("complement", "reverse", "large")
 HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 20240611
 
@@ -110,10 +119,24 @@ def _shape_mask(shape: str, cx: float, cy: float, half: float) -> np.ndarray:
     return inside_rows & (np.abs(dx) <= (dy + half) / 2)
 
 
-def render(scene: Scene, seed: int | None = None) -> np.ndarray:
-    """The scene as a uint8 (32, 32, 3) array; with a seed, the shape's size and offset are jittered slightly."""
+def styled(scene: Scene, style: str | None) -> Scene:
+    """The scene a style draws for ``scene``'s caption, in caption words (``large`` keeps the words)."""
+    if style is None or style == "large":
+        return scene
+    if style == "complement":
+        return Scene(COMPLEMENT[scene.color], scene.shape, scene.position, COMPLEMENT[scene.background])
+    if style == "reverse":
+        return Scene(scene.background, scene.shape, scene.position, scene.color)
+    raise ValueError(f"style: {style!r} is not one of {list(STYLES)}")
+
+
+def render(scene: Scene, seed: int | None = None, style: str | None = None) -> np.ndarray:
+    """The scene as a uint8 (32, 32, 3) array; with a seed, the shape's size and offset are jittered slightly.
+
+    With a style, the same seed jitters the shape in the same way, so a styled render pairs with the plain one."""
+    scene = styled(scene, style)
     cx, cy = POSITIONS[scene.position]
-    half = HALF_SIDE
+    half = LARGE_HALF_SIDE if style == "large" else HALF_SIDE
     if seed is not None:
         rng = np.random.default_rng(seed)
         half += rng.uniform(-1.0, 1.0)

@@ -6,6 +6,10 @@ of pixels closer to the shape colour than to the background; its centroid gives 
 its outline give the kind: a triangle is much narrower at the top than at the bottom, and a square fills the
 corners of its bounding box where a circle leaves them empty. (Plain bounding-box fill, ~1.0 against ~0.785, is
 thrown off by one-pixel rasterisation tips on small circles.)
+
+Styled scenes (``scenes.STYLES``) are checked the same way: ``style_check`` says whether an image shows its caption
+in a style (the style's colours, or for ``large`` a shape whose size, estimated from its area, is past what plain
+renders ever reach), and ``adherence(..., style=)`` scores each caption as the style draws it.
 """
 
 from collections import deque
@@ -26,6 +30,11 @@ TRIANGLE_TAPER = 0.45  # top-third width / bottom-third width below this: triang
 # right. The current VAE (8 latent channels) keeps the corners: its reconstructions score 98%.
 CORNER = 1.3
 SQUARE_CORNERS = 0.54  # filled fraction of the corners at or above this: square
+# Area of a shape of half-side h, in units of h^2: the half-side of a drawn shape is sqrt(area / this).
+AREA_PER_HALF_SIDE_SQUARED = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
+# Plain renders' half-sides are 5-7 px, large ones' 8-10: measured on every scene's jittered render and its VAE
+# reconstruction, the estimate reaches at most 7.05 for plain and at least 7.38 for large shapes.
+LARGE_HALF_SIDE = 7.25
 
 
 @dataclass(frozen=True)
@@ -98,8 +107,18 @@ def classify_shape(mask: np.ndarray) -> str | None:
     if taper < TRIANGLE_TAPER:
         return "triangle"
     ys, xs = np.mgrid[0:height, 0:width] + 0.5
-    corners = np.abs(xs / width * 2 - 1) + np.abs(ys / height * 2 - 1) > CORNER
+    u, v = xs / width * 2 - 1, ys / height * 2 - 1
+    corners = np.abs(u) + np.abs(v) > CORNER
     box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    # A shape cut off by the canvas edge fills the box's corners on that side, circle or not: judge by the others.
+    cut = (
+        (v < 0) & (rows.min() == 0)
+        | (v > 0) & (rows.max() == mask.shape[0] - 1)
+        | (u < 0) & (cols.min() == 0)
+        | (u > 0) & (cols.max() == mask.shape[1] - 1)
+    )
+    if (corners & ~cut).any():
+        corners &= ~cut
     return "square" if box[corners].mean() >= SQUARE_CORNERS else "circle"
 
 
@@ -111,19 +130,44 @@ def nearest_position(mask: np.ndarray) -> str | None:
     return min(sc.POSITIONS, key=lambda name: (sc.POSITIONS[name][0] - cx) ** 2 + (sc.POSITIONS[name][1] - cy) ** 2)
 
 
-def detect(image) -> Detection:
-    """Background colour, shape colour, position and shape kind seen in an image."""
+def _segment(image) -> tuple[int, int | None, np.ndarray | None]:
+    """Palette indices of the background and the shape colour (None: no shape), and the shape's pixel mask."""
     pixels = to_array(image)
     labels = _labels(pixels)
     border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
     bg = int(np.bincount(border, minlength=len(_PALETTE)).argmax())
     others = np.bincount(labels[labels != bg], minlength=len(_PALETTE))
     if others.sum() == 0:
-        return Detection(_PALETTE_NAMES[bg], None, None, None)
+        return bg, None, None
     fg = int(others.argmax())
     near_fg = ((pixels - _PALETTE[fg]) ** 2).sum(-1) < ((pixels - _PALETTE[bg]) ** 2).sum(-1)
-    mask = _largest_component(near_fg)
+    return bg, fg, _largest_component(near_fg)
+
+
+def detect(image) -> Detection:
+    """Background colour, shape colour, position and shape kind seen in an image."""
+    bg, fg, mask = _segment(image)
+    if fg is None:
+        return Detection(_PALETTE_NAMES[bg], None, None, None)
     return Detection(_PALETTE_NAMES[bg], _PALETTE_NAMES[fg], nearest_position(mask), classify_shape(mask))
+
+
+def half_side(image, shape: str) -> float:
+    """The drawn shape's half-side in pixels, from its area as a ``shape`` (0 when there is no shape)."""
+    _, fg, mask = _segment(image)
+    return 0.0 if fg is None else float(np.sqrt(mask.sum() / AREA_PER_HALF_SIDE_SQUARED[shape]))
+
+
+def style_check(image, caption: str, style: str) -> bool:
+    """Whether the image shows the caption's scene in ``style``: its colours as the style swaps them (colour styles),
+    or its shape larger than any plain render draws it (``large``). A caption that does not parse fails."""
+    scene = sc.parse_caption(caption)
+    if scene is None:
+        return False
+    if style == "large":
+        return half_side(image, scene.shape) >= LARGE_HALF_SIDE
+    want, seen = sc.styled(scene, style), detect(image)
+    return (seen.color, seen.background) == (want.color, want.background)
 
 
 def score(image, caption: str) -> Score:
@@ -140,9 +184,17 @@ def score(image, caption: str) -> Score:
     )
 
 
-def adherence(images, captions) -> dict:
-    """Fraction of images correct on each attribute and on all four together."""
-    scores = [score(image, text) for image, text in zip(images, captions, strict=True)]
+def styled_caption(caption: str, style: str | None) -> str:
+    """The caption of the scene ``style`` draws for ``caption`` (unchanged without a style, or when it does not
+    parse)."""
+    scene = sc.parse_caption(caption)
+    return caption if scene is None or style is None else sc.caption(sc.styled(scene, style))
+
+
+def adherence(images, captions, style: str | None = None) -> dict:
+    """Fraction of images correct on each attribute and on all four together; with a style, each caption is scored
+    as that style draws it (``complement``: "a red circle" should show a green one)."""
+    scores = [score(image, styled_caption(text, style)) for image, text in zip(images, captions, strict=True)]
     if not scores:
         raise ValueError("images: need at least one image")
     fields = ("background", "color", "position", "shape", "all")
