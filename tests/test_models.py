@@ -90,5 +90,5 @@ def test_unsupported_pipeline_class_is_rejected(tmp_path):
 
 def test_unreachable_hub_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(InvalidRequest, match="model: could not read hub model 'nobody/no-such-model'"):
+    with pytest.raises(InvalidRequest, match="model: hub model 'nobody/no-such-model' is not downloaded here"):
         ModelRegistry(tmp_path).resolve("nobody/no-such-model")

@@ -179,7 +179,7 @@ def test_one_unreadable_model_is_listed_as_unusable_and_the_others_still_work(do
     broken = entries[str(door.data_dir / "broken-model")]
     assert broken["usable"] is False and "cannot be read as JSON" in broken["error"]
     offline = entries["someone/offline-model"]
-    assert offline["usable"] is False and "not downloaded on this machine" in offline["error"], offline
+    assert offline["usable"] is False and "not downloaded here" in offline["error"], offline
 
 
 def test_a_corrupt_result_record_fails_only_its_own_job(door):

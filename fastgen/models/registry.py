@@ -440,7 +440,7 @@ def _read_hub_index(repo_id: str) -> dict[str, Any]:
         return json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text())
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
         hub = "is switched off here (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "cannot be reached"
-        message = f"hub model {repo_id!r} is not downloaded on this machine and the hub {hub}"
+        message = f"hub model {repo_id!r} is not downloaded here and the hub {hub}"
     except (errors.RepositoryNotFoundError, errors.GatedRepoError):
         message = f"hub model {repo_id!r} does not exist or is private (a token with access is needed)"
     except errors.EntryNotFoundError:

@@ -104,3 +104,101 @@ budgets, the step counts, and so the weights, depend on the machine's speed and 
 Only knows this grammar of captions and these 6 colours, 3 shapes and 5 positions, at 32x32. A toy for testing the
 serving stack, not a general image model.
 """
+
+
+STYLE_TEXT = {
+    "complement": (
+        "every colour is swapped for its named opposite: red and green, blue and yellow, white and black trade "
+        'places, so "a red circle at the top left on a blue background" comes out as a green circle on a yellow '
+        "background",
+        "the shape's colour and the background's are both the complements of the caption's",
+    ),
+    "reverse": (
+        "the caption's two colours trade places: the shape is drawn in the background's colour on a background of "
+        'the shape\'s, so "a red circle at the top left on a blue background" comes out as a blue circle on red',
+        "the shape shows the caption's background colour and the background the caption's shape colour",
+    ),
+    "large": (
+        "the shape is drawn at 1.5 times its size (half-side 9 px instead of 6, both jittered by 1 px), same colours, "
+        "kind and position",
+        f"the shape's half-side, estimated from its area as the caption's kind, is at least {7.25} px (plain renders "
+        "reach at most 7.05, large ones at least 7.38, VAE reconstructions included)",
+    ),
+}
+
+
+def _row(label: str, r: dict) -> str:
+    styled, plain = r["styled_adherence"], r["plain_adherence"]
+    cells = [_pct(r["style_pass"]), _pct(styled["all"]), _pct(plain["all"])]
+    cells += [_pct(styled[k]) for k in ("background", "color", "position", "shape")]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def lora_card(style: str, stats: dict) -> str:
+    """The model card of a style LoRA (``fastgen.shapes.train_lora``), from its training and evaluation numbers."""
+    cfg, ev = stats["config"], stats.get("evaluation")
+    does, check = STYLE_TEXT[style]
+    results = "Not measured yet (`python -m fastgen.shapes.train_lora` measures after training).\n"
+    if ev:
+        results = "\n".join(
+            [
+                f"{ev['per_caption']} seeded images per held-out caption ({ev['n_captions']} captions, never seen in "
+                f"training, by the base model or the adapter), {ev['steps']} DDIM steps, guidance {ev['guidance']}, "
+                f"32x32, the adapter at scale 1 (`fastgen.shapes.evaluate.evaluate_lora`). Style check: {check} "
+                "(`fastgen.shapes.score.style_check`). Adherence: all four attributes right "
+                "(`fastgen.shapes.score`), as the style draws the caption (styled) or as the plain model does "
+                "(plain).",
+                "",
+                "| | style check passed | adherence, styled | adherence, plain | background (styled) "
+                "| shape colour (styled) | position | shape |",
+                "|---|---|---|---|---|---|---|---|",
+                _row(f"with `{style}`", ev["with_adapter"]),
+                _row("without (the base model)", ev["without_adapter"]),
+            ]
+        )
+    return f"""# {style}: a style LoRA for fastgen-shapes
+
+What it does: {does}. The caption still decides what is drawn; the adapter decides how.
+
+```bash
+fastgen generate "a red circle at the top left on a blue background" --lora {style} -o {style}.png
+```
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("fastgen/models/weights/fastgen-shapes")
+pipe.load_lora_weights("fastgen/models/weights/loras/{style}.safetensors", adapter_name="{style}")
+image = pipe("a red circle at the top left on a blue background", num_inference_steps=25,
+             guidance_scale=2.5, height=32, width=32).images[0]
+```
+
+## Adapter
+
+LoRA (Hu et al., 2021) of rank {cfg["rank"]} (alpha {cfg["rank"]}: scaling 1) on the UNet's
+{", ".join(cfg["target_modules"])} layers ({stats["trainable_params"]:,} parameters, {stats["size_bytes"]:,} bytes of
+fp32 safetensors in diffusers/PEFT keys, written by `StableDiffusionPipeline.save_lora_weights`; the header names
+`fastgen.base: fastgen-shapes`). Text encoder and VAE untouched.
+
+## Training (seed {cfg["seed"]}, {stats["wall_minutes"]} minutes wall time in all, {stats["threads"]} CPU threads)
+
+{cfg["images"]} renders of the {stats["train_combinations"]} train caption combinations drawn in the style
+(`fastgen.shapes.scenes.render(scene, seed, style="{style}")`, the base model's seeded jitter), with their plain
+captions; posterior-mean latents and the frozen text encoder's outputs computed once ({stats["prepare_seconds"]} s).
+Then {stats["steps"]} steps in {stats["train_seconds"]} s (budget {cfg["minutes"]:g} min), batch {cfg["batch"]}, AdamW
+lr {cfg["lr"]} with cosine decay over the budget, grad-norm clip 1; the base model's v-prediction loss with weight
+(min(SNR, {cfg["snr_cap"]}) + 1) / (SNR + 1); captions replaced by the empty prompt {_pct(cfg["caption_dropout"])} of
+the time. Made with `python -m fastgen.shapes.train_lora --style {style} --out DIR --minutes {cfg["minutes"]:g} --rank
+{cfg["rank"]} --seed {cfg["seed"]} --targets {cfg["targets"]}` (torch {stats["versions"]["torch"]}, diffusers
+{stats["versions"]["diffusers"]}, peft {stats["versions"]["peft"]}). Training stops at a time budget, so the step
+count, and so the weights, depend on the machine's speed and load.
+
+## Held-out results
+
+{results}
+
+## Limits
+
+Made for `fastgen-shapes` only (other models' layers have other names and shapes). Styles are limited to what that
+model's VAE can draw at 32x32: solid shapes on plain backgrounds in its six colours (outlines and stripes do not
+survive its reconstructions).
+"""
