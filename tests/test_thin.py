@@ -143,4 +143,5 @@ def test_the_service_starts_calmly(service):
     assert "web page: http://" in log and "API docs: http://" in log
     for noise in ("[queues]", "faiss.loader", "SecurityWarning", "No hostname was supplied", "Traceback", "WARNING: "):
         assert noise not in log, (noise, log)
-    assert len(log.splitlines()) <= 12, log
+    start = log[: log.index("ready.")].splitlines()  # the start only: other tests' jobs may have logged since
+    assert len(start) <= 12, log
