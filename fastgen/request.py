@@ -161,15 +161,6 @@ class AccelerateOptions(Strict):
     parallel: ParallelOptions = Field(default_factory=ParallelOptions)
     sparse_attention: SparseAttentionOptions = Field(default_factory=SparseAttentionOptions)
 
-    def requested(self) -> list[str]:
-        """The accelerations this request explicitly turns on."""
-        return (
-            [name for name in type(self).model_fields if getattr(self, name) is True]
-            + (["cache"] if self.cache.enabled else [])
-            + (["parallel"] if self.parallel.asked else [])
-            + (["sparse_attention"] if self.sparse_attention.asked else [])
-        )
-
 
 class GenerationRequest(Strict):
     """What to generate. Fields left as null take the model's defaults."""

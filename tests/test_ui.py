@@ -73,7 +73,7 @@ def test_capabilities_decide_the_controls_video_fields_and_usable_accelerations(
     caps["defaults"] = {"width": 64, "height": 32, "steps": 5, "guidance": 2.0, "num_frames": None, "fps": None}
     page = Page("http://127.0.0.1:1")
     controls = page.model_controls(Session({"m": caps}), "m")
-    info, width, height, steps, guidance, video_row, frames, fps, fuse_qkv, cache, sparse, loras = controls
+    info, width, height, steps, guidance, video_row, frames, fps, cache, fuse_qkv, sparse, loras = controls
     assert width["value"] == 64 and width["step"] == 16 and video_row["visible"] is False
     assert (
         fuse_qkv["interactive"] is False and fuse_qkv["value"] is False and "Not available for m" in fuse_qkv["info"]
@@ -81,7 +81,7 @@ def test_capabilities_decide_the_controls_video_fields_and_usable_accelerations(
     assert cache["interactive"] is False and sparse["interactive"] is False
     assert loras["interactive"] is False and loras["value"] == [] and "Not available for m" in loras["info"]
     caps = {**caps, "kind": "video", "frame_multiple": 4, "accelerations": ["fuse_qkv", "sparse_attention"]}
-    *_, video_row, frames, fps, fuse_qkv, cache, sparse, loras = page.model_controls(
+    *_, video_row, frames, fps, cache, fuse_qkv, sparse, loras = page.model_controls(
         Session({"m": {**caps, "loras": True}}), "m"
     )
     assert video_row["visible"] is True and frames["info"] == "4·k + 1" and fuse_qkv["interactive"] is True

@@ -22,6 +22,7 @@ import httpx
 from fastapi import FastAPI
 
 from fastgen.client import FastgenClient, ServiceError
+from fastgen.techniques import TECHNIQUES
 from fastgen.ui.render import (
     field_problems_html,
     history_html,
@@ -50,25 +51,11 @@ class AccelerationControl:
     turned_on: Any = True  # the value of ``accelerate.<name>`` when ticked
 
 
-# One row per technique the service implements; a model lists in its capabilities which ones it can use.
-ACCELERATIONS = (
-    AccelerationControl(
-        "fuse_qkv",
-        "Fused Q/K/V projections",
-        "One matmul instead of three for each attention's query, key and value: the same image up to rounding.",
-    ),
-    AccelerationControl(
-        "cache",
-        "Approximate cache",
-        "Start from a similar earlier prompt's half-finished image and skip its first steps: faster, approximate.",
-        {"enabled": True},
-    ),
-    AccelerationControl(
-        "sparse_attention",
-        "Sparse attention",
-        "Each query attends to a window of nearby tokens (about 3%), rescaled to stay close to dense: DiTs only.",
-        {"mode": "window"},
-    ),
+# One checkbox per technique of fastgen.techniques that has a control; a model's capabilities say which it takes.
+ACCELERATIONS = tuple(
+    AccelerationControl(t.name, t.control.label, t.control.explanation, t.control.turned_on)
+    for t in TECHNIQUES
+    if t.control is not None
 )
 
 LORA_INFO = "Adapters from the service's LoRA library, all at the scale beside; swapped in without reloading."

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fastgen import techniques
 from fastgen.errors import FieldError, InvalidRequest, ModelLoadError, UnknownModel
 from fastgen.request import (
     IMAGE_FORMATS,
@@ -74,7 +75,7 @@ class ModelSpec:
     num_frames: int | None = None
     fps: int | None = None
     frame_multiple: int = 1  # video VAEs compress time: frames must be frame_multiple * k + 1
-    accelerations: frozenset[str] = frozenset({"fuse_qkv", "cache"})  # plus "parallel" (see SPLITTABLE_PIPELINES)
+    accelerations: frozenset[str] = frozenset({"fuse_qkv", "cache"})  # and those of fastgen.techniques' rules
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     # Sparse attention modes and their defaults; None: those of the pipeline class (SPARSE_ATTENTION_PIPELINES).
     sparse_attention: Mapping[str, SparseAttentionDefaults] | None = None
@@ -100,15 +101,13 @@ class ModelSpec:
             "size_multiple": self.size_multiple,
             "frame_multiple": self.frame_multiple if self.kind == "video" else None,
             "accelerations": sorted(self.supported_accelerations),
-            "loras": self.pipeline_class in LORA_PIPELINES,
+            "loras": techniques.by_name()["loras"].supported(self),
             "sparse_attention": {mode: asdict(d) for mode, d in self.sparse_attention_modes.items()},
         }
 
     @property
     def supported_accelerations(self) -> frozenset[str]:
-        splittable = {"parallel"} if self.pipeline_class in SPLITTABLE_PIPELINES else set()
-        sparse = {"sparse_attention"} if self.sparse_attention_modes else set()
-        return self.accelerations | splittable | sparse
+        return techniques.accelerations(self)
 
     @property
     def sparse_attention_modes(self) -> Mapping[str, SparseAttentionDefaults]:
@@ -144,6 +143,7 @@ class ModelSpec:
             *self._acceleration_errors(filled),
             *self._sparse_attention_errors(filled),
             *self._lora_errors(filled),
+            *(FieldError(name, reason) for name, reason in techniques.conflicts(filled, self)),
         ]
         if errors:
             raise InvalidRequest(errors)
@@ -206,40 +206,20 @@ class ModelSpec:
         return errors
 
     def _acceleration_errors(self, r: GenerationRequest) -> list[FieldError]:
+        supported = ", ".join(sorted(self.supported_accelerations)) or "none"
         return [
-            FieldError(
-                f"accelerate.{name}",
-                f"model {self.name!r} does not support {name}; it supports: "
-                f"{', '.join(sorted(self.supported_accelerations)) or 'none'}",
-            )
-            for name in r.accelerate.requested()
-            if name not in self.supported_accelerations
+            FieldError(t.request_field, f"model {self.name!r} does not support {t.name}; it supports: {supported}")
+            for t in techniques.TECHNIQUES
+            if t.acceleration and t.asked(r) and not t.supported(self)
         ]
 
     def _lora_errors(self, r: GenerationRequest) -> list[FieldError]:
         if not r.loras:
             return []
-        if self.pipeline_class not in LORA_PIPELINES:
+        if not techniques.by_name()["loras"].supported(self):
             return [FieldError("loras", f"model {self.name!r} ({self.pipeline_class}) does not take LoRA adapters")]
-        if r.accelerate.fuse_qkv:  # the fused projection is built from the base weights alone
-            return [FieldError("accelerate.fuse_qkv", "cannot be combined with loras: it would bypass them")]
         return []
 
-
-# Pipelines whose denoiser fastgen.parallel splits (UNets by row strips, PixArt and Wan DiTs by token chunks).
-# Not Flux or SD3 (joint text-image attention) nor AnimateDiff (temporal attention), which it would split wrongly.
-SPLITTABLE_PIPELINES = frozenset(
-    (
-        "StableDiffusionPipeline",
-        "StableDiffusionXLPipeline",
-        "PixArtAlphaPipeline",
-        "PixArtSigmaPipeline",
-        "WanPipeline",
-    )
-)
-
-# Pipelines whose denoiser takes LoRA adapters through diffusers' hot-swap (tested: Stable Diffusion and Wan).
-LORA_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline", "WanPipeline"})
 
 # Pipelines whose DiT self-attention fastgen.accelerators.sparse_attention can make sparse, the modes each accepts
 # and their defaults. The window's 1/32 density is Re-ttention's 3.1% (evaluated there on PixArt); the others are
