@@ -33,16 +33,26 @@ Per request: switch time (naive: load + unload; fastgen: activate + remove), eve
 - fidelity: every LoRA image of fastgen against the naive fresh load of the same request, and every no-LoRA image
   (served after LoRA requests) against the plain pipeline's.
 
+A second part (``--part shapes``) measures what adapters do to pictures, with the LoRAs fastgen ships for
+``fastgen-shapes`` (``fastgen/models/weights/loras``, listed by a library with no directory, as a fresh service lists
+them): over held-out captions (four seeded images each, ``fastgen.shapes.evaluate``), the style-check pass rate and
+caption adherence of each adapter loaded fresh (``load_lora_weights`` on its own pipeline), hot-swapped through
+fastgen's slots (two slots for the three adapters, cycled twice: the first cycle swaps through diffusers, the second
+copies from host memory) and without it; the swapped images must equal the fresh ones, and after them a request
+without adapters must get the plain pipeline's pixels.
+
 Run from the repository root (defaults: full width, 128x128, 4 steps, 8 LoRAs, 16 requests, 1 thread; about 13
-minutes on 2 shared CPU cores)::
+minutes on 2 shared CPU cores, then the shapes part)::
 
     HF_HUB_OFFLINE=1 python benchmarks/lora_hotswap.py
+    HF_HUB_OFFLINE=1 python benchmarks/lora_hotswap.py --part shapes   # the fidelity part alone (minutes)
     HF_HUB_OFFLINE=1 python benchmarks/lora_hotswap.py --device cuda --size 512 --steps 25 --requests 24
 
 One thread by default: on 2 cores that another job kept busy, 2 threads ran one full-width step 2.5-3.5x slower
 than 1 thread (every parallel op waits for the core the other job holds), and that wait also lands on every small
 copy of a swap. 128 px and 4 steps keep 64 full-width images within the time budget; the ratios are what count.
-Writes ``lora_hotswap.json`` and ``lora_hotswap.md`` to ``--out`` (default ``benchmarks/results``).
+Writes ``lora_hotswap.json`` and ``lora_hotswap.md`` (speed), ``lora_hotswap_shapes.json`` and ``.md`` (the shapes
+part) to ``--out`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from fuse_qkv import (
     DEFAULT_PROMPTS,
@@ -78,6 +89,10 @@ from fastgen.engine import resolve_device, resolve_dtype
 from fastgen.lora.hotswap import ActiveLoras, AdapterSlots
 from fastgen.lora.library import LoraLibrary
 from fastgen.lora.synthetic import ATTENTION, random_lora, write_lora
+from fastgen.models.registry import WEIGHTS_DIR
+from fastgen.shapes import scenes as sc
+from fastgen.shapes.evaluate import STEPS as SHAPES_STEPS
+from fastgen.shapes.evaluate import generate, style_results
 
 logger = logging.getLogger("benchmarks.lora_hotswap")
 
@@ -90,6 +105,10 @@ WARMUP_STEPS = 1
 CONFIGS = ("plain", "naive", "fastgen", "fastgen-swap")
 GOAL_SWITCH_SPEEDUP = 10.0
 GOAL_LORA_OVERHEAD = 0.05
+PARTS = ("all", "speed", "shapes")
+SHAPES_MODEL = WEIGHTS_DIR / "fastgen-shapes"
+SHAPES_GUIDANCE = 2.5
+SHAPES_SLOTS = 2  # fewer than the shipped adapters, so every adapter is swapped in again on the second cycle
 
 
 @dataclass(frozen=True)
@@ -129,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="float16 on cuda, float32 on cpu")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="a .jsonl file or a folder holding one")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for lora_hotswap.json and .md")
+    parser.add_argument("--part", choices=PARTS, default="all", help="speed (SD-1.5), shapes (shipped LoRAs) or all")
+    parser.add_argument("--shapes-per-caption", type=int, default=4, help="seeded images per held-out caption")
     args = parser.parse_args(argv)
     args.switch_threads = [int(t) for t in args.switch_threads.split(",") if t.strip()]
     if args.size % 8 or args.steps < 1 or args.requests < NO_LORA_EVERY or args.rank < 1:
@@ -785,7 +806,7 @@ def run(args, directory: Path) -> dict[str, Any]:
     pipe = build_pipe(args, device, dtype)
     logger.info("writing %d rank-%d LoRAs to %s", args.loras, args.rank, directory)
     made = write_library(pipe.unet, directory, args.loras, args.rank, args.seed + 100)
-    library = LoraLibrary(directory)
+    library = LoraLibrary(directory, shipped=None)  # the shipped adapters are for fastgen-shapes, not this model
     configs = build_configs(pipe, directory, library, args)
     names = [item["name"] for item in made]
     prompts = [prompt for _, prompt in load_prompts(prompt_file(args.prompts), args.requests)]
@@ -823,16 +844,148 @@ def run(args, directory: Path) -> dict[str, Any]:
     }
 
 
+# --- the shipped adapters on fastgen-shapes: what they draw, fresh and hot-swapped ------------------------------
+
+
+def shapes_pipe():
+    pipe = DiffusionPipeline.from_pretrained(SHAPES_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def shapes_images(pipe, captions: list[str]) -> list[np.ndarray]:
+    """evaluate.py's images: one per caption, image i seeded with i, 25 DDIM steps, guidance 2.5."""
+    return [np.asarray(image) for image in generate(pipe, captions, SHAPES_GUIDANCE)]
+
+
+def fresh_images(pipe, info, captions: list[str]) -> list[np.ndarray]:
+    """The adapter loaded by diffusers on its own pipeline (scale 1), then unloaded."""
+    pipe.load_lora_weights(str(info.path), adapter_name=info.name)
+    try:
+        return shapes_images(pipe, captions)
+    finally:
+        pipe.unload_lora_weights()
+
+
+def swapped_images(slots: AdapterSlots, info, captions: list[str]) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The adapter switched on through fastgen's slots as the engine does (activate, the call, remove)."""
+    active = slots.activate([(info, 1.0)])
+    (report,) = active.report()["adapters"]
+    try:
+        return shapes_images(slots.pipe, captions), report
+    finally:
+        active.remove()
+
+
+def identical(images: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, Any]:
+    diffs = [float(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(images, reference, strict=True)]
+    return {"bit_identical": sum(d == 0 for d in diffs), "of": len(diffs), "max_abs_diff": max(diffs)}
+
+
+def shapes_run(args) -> dict[str, Any]:
+    started = time.perf_counter()
+    library = LoraLibrary(None)  # no directory: the shipped adapters only
+    names = [name for name in library.names() if name in sc.STYLES]
+    captions = [sc.caption(scene) for scene in sc.heldout_scenes()] * args.shapes_per_caption
+    plain_pipe, fresh_pipe = shapes_pipe(), shapes_pipe()
+    slots = AdapterSlots(shapes_pipe(), library, SHAPES_SLOTS)
+    plain = shapes_images(plain_pipe, captions)
+    rows, fresh = {}, {}
+    for name in names:
+        logger.info("shapes: %s loaded fresh", name)
+        info = library.get(name)
+        fresh[name] = fresh_images(fresh_pipe, info, captions)
+        rows[name] = {
+            "rank": info.rank,
+            "targets": list(info.targets),
+            "without": style_results(plain, captions, name),
+            "fresh": style_results(fresh[name], captions, name),
+        }
+    for cycle in (1, 2):
+        for name in names:
+            logger.info("shapes: %s through the slots, cycle %d", name, cycle)
+            images, report = swapped_images(slots, library.get(name), captions)
+            row = {**style_results(images, captions, name), "swap": report.get("swap"), "resident": report["resident"]}
+            rows[name][f"swapped_{cycle}"] = row | {"vs_fresh": identical(images, fresh[name])}
+    after = identical(shapes_images(slots.pipe, captions), plain)
+    return {
+        "machine": machine_info(torch.device("cpu"), torch.float32),
+        "settings": {
+            "model": "fastgen-shapes",
+            "captions": len(sc.heldout_scenes()),
+            "per_caption": args.shapes_per_caption,
+            "steps": SHAPES_STEPS,
+            "guidance": SHAPES_GUIDANCE,
+            "slots": SHAPES_SLOTS,
+            "code": code_version(),
+            "wall_s": time.perf_counter() - started,
+        },
+        "adapters": rows,
+        "no_lora_after_vs_plain": after,
+    }
+
+
+def _scores(r: dict[str, Any]) -> str:
+    return f"{r['style_pass']:.1%} / {r['styled_adherence']['all']:.1%}"
+
+
+def _same(r: dict[str, Any]) -> str:
+    return f"{r['vs_fresh']['bit_identical']}/{r['vs_fresh']['of']}"
+
+
+def shapes_markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    head = (
+        "| adapter (rank, layers) | without: style / plain adherence | fresh load: style / adherence "
+        "| fastgen swap, 1st (diffusers): style / adherence | same images as fresh | fastgen swap, 2nd (copy) "
+        "| same images as fresh |\n|---|---|---|---|---|---|---|\n"
+    )
+    rows = ""
+    for name, r in results["adapters"].items():
+        first, second = r["swapped_1"], r["swapped_2"]
+        rows += (
+            f"| {name} (rank {r['rank']}, {len(r['targets'])} kinds) "
+            f"| {r['without']['style_pass']:.1%} / {r['without']['plain_adherence']['all']:.1%} "
+            f"| {_scores(r['fresh'])} | {_scores(first)} ({first['swap']}) "
+            f"| {_same(first)} | {_scores(second)} ({second['swap']}) | {_same(second)} |\n"
+        )
+    after = results["no_lora_after_vs_plain"]
+    return (
+        head
+        + rows
+        + f"\nNo adapter, after all of them through the slots: {after['bit_identical']}/{after['of']} images "
+        f"bit-identical to the plain pipeline's.\n\nfastgen-shapes, {s['captions']} held-out captions x "
+        f"{s['per_caption']} seeded images, {s['steps']} DDIM steps, guidance {s['guidance']}, 32x32; adapters at "
+        f"scale 1; {s['slots']} slots. Style: `fastgen.shapes.score.style_check`; adherence: all four attributes "
+        "right as the style draws the caption (without an adapter: the plain caption). "
+        f"{results['machine']['torch_threads']} thread(s); wall {s['wall_s']:.0f} s.\n"
+    )
+
+
+def write_shapes(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "lora_hotswap_shapes.json", out / "lora_hotswap_shapes.md"
+    json_path.write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(shapes_markdown(results), encoding="utf-8")
+    return json_path, md_path
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     diffusers_logging.set_verbosity_error()  # one "no text-encoder LoRA keys" warning per naive load otherwise
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="fastgen-loras-") as directory:
-        results = run(args, Path(directory))
-    paths = write_results(results, args.out)
-    print(markdown(results))
-    print(f"wrote {paths[0]} and {paths[1]} in {results['settings']['wall_s']:.0f}s")
+    if args.part in ("all", "speed"):
+        with tempfile.TemporaryDirectory(prefix="fastgen-loras-") as directory:
+            results = run(args, Path(directory))
+        paths = write_results(results, args.out)
+        print(markdown(results))
+        print(f"wrote {paths[0]} and {paths[1]} in {results['settings']['wall_s']:.0f}s")
+    if args.part in ("all", "shapes"):
+        shapes = shapes_run(args)
+        paths = write_shapes(shapes, args.out)
+        print(shapes_markdown(shapes))
+        print(f"wrote {paths[0]} and {paths[1]} in {shapes['settings']['wall_s']:.0f}s")
 
 
 if __name__ == "__main__":

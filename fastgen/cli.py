@@ -348,7 +348,8 @@ def list_loras(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{lora['name']:<24} unusable: {lora['error']}")
             continue
         size = f"{lora['size_bytes'] / 2**20:.1f} MiB"
-        print(f"{lora['name']:<24} {lora['format']:<5} rank {lora['rank']:<4} {lora['base']:<18} {size:>10}")
+        shipped = "  shipped" if lora.get("shipped") else ""  # one of the package's adapters
+        print(f"{lora['name']:<24} {lora['format']:<5} rank {lora['rank']:<4} {lora['base']:<18} {size:>10}{shipped}")
     return 0
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fastgen.engine import Engine
 from fastgen.errors import InvalidRequest
-from fastgen.lora.library import LoraLibrary
+from fastgen.lora.library import SHIPPED_DIR, LoraLibrary
 from fastgen.lora.synthetic import random_lora, write_lora
 from fastgen.request import GenerationRequest, parse_request
 from fastgen.settings import Limits
@@ -61,7 +61,7 @@ def lora_engine(settings, lora_dir):
 
 
 def test_the_library_describes_each_file_from_its_header(lora_dir):
-    library = LoraLibrary(lora_dir)
+    library = LoraLibrary(lora_dir, shipped=None)
     listing = {entry["name"]: entry for entry in library.listing()}
     assert set(listing) == {
         "style", "style-kohya", "other0", "other1", "other2", "wide", "half-alpha", "for-tiny-sd", "with-text",
@@ -75,12 +75,12 @@ def test_the_library_describes_each_file_from_its_header(lora_dir):
     assert listing["wide"]["rank"] == 16 and "ff.net.2" in listing["wide"]["targets"]
     assert style["size_bytes"] == (lora_dir / "style.safetensors").stat().st_size and len(style["sha256"]) == 64
     assert listing["with-text"]["text_encoder_layers"] == 1
-    assert "error" in listing["corrupt"] and "path" not in style
+    assert "error" in listing["corrupt"] and "path" not in style and style["shipped"] is False
 
 
 def test_an_unknown_name_is_rejected_with_what_the_library_has(lora_dir):
     with pytest.raises(InvalidRequest, match="loras.name: unknown LoRA 'nope'; the library has: corrupt, for-tiny-sd"):
-        LoraLibrary(lora_dir).get("nope")
+        LoraLibrary(lora_dir, shipped=None).get("nope")
 
 
 @pytest.mark.parametrize("name", ["../style", "style/../style", "/etc/passwd", "..", "a\\b"])
@@ -246,6 +246,54 @@ def test_the_cache_tells_a_changed_file_from_the_one_it_replaced(settings, lora_
     assert json.dumps(before) != json.dumps(after)
 
 
+SHIPPED = {"complement", "large", "reverse"}
+SHIPPED_SEED = 0  # the fixed seed and caption where the plain model draws no style and each adapter draws its own
+
+
+def test_a_fresh_library_with_an_empty_directory_lists_the_shipped_adapters(tmp_path):
+    from fastgen.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    assert not settings.lora_dir.exists()
+    listing = {entry["name"]: entry for entry in LoraLibrary(settings.lora_dir).listing()}
+    assert set(listing) == SHIPPED
+    for name, entry in listing.items():
+        assert entry["shipped"] is True and entry["base"] == "fastgen-shapes" and entry["text_encoder_layers"] == 0
+        assert entry["format"] == "peft" and entry["size_bytes"] < 2 * 2**20, entry
+        assert (SHIPPED_DIR / f"{name}.md").is_file() and (SHIPPED_DIR / f"{name}.training.json").is_file()
+    assert LoraLibrary(settings.lora_dir, shipped=None).listing() == []
+
+
+def test_an_operator_file_named_like_a_shipped_adapter_wins(tmp_path, engine):
+    unet = engine.pool.get(engine.registry.resolve("fastgen-shapes"))[0].pipe.unet
+    own = write_lora(tmp_path / "complement.safetensors", random_lora(unet, 4, seed=50))
+    library = LoraLibrary(tmp_path)
+    entry = {e["name"]: e for e in library.listing()}["complement"]
+    assert entry["shipped"] is False and entry["rank"] == 4 and library.get("complement").path == own
+    own.unlink()  # the shipped one comes back at the next lookup
+    assert library.get("complement").path == SHIPPED_DIR / "complement.safetensors"
+    assert {e["name"]: e for e in library.listing()}["complement"]["shipped"] is True
+
+
+@pytest.fixture(scope="module")
+def shipped_engine(tmp_path_factory):
+    """An engine as ``fastgen serve`` starts it: an empty library directory, so only the shipped adapters."""
+    from fastgen.settings import Settings
+
+    return Engine(Settings(data_dir=tmp_path_factory.mktemp("shipped"), device="cpu"))
+
+
+@pytest.mark.parametrize("style", sorted(SHIPPED))
+def test_a_shipped_adapter_draws_its_style_where_the_plain_model_does_not(shipped_engine, style):
+    from fastgen.shapes.score import score, style_check, styled_caption
+
+    request = {"prompt": CAPTION, "model": "fastgen-shapes", "seed": SHIPPED_SEED}  # the model's 25 steps, 2.5
+    plain = shipped_engine.run(request).images[0]
+    styled = shipped_engine.run({**request, "loras": [{"name": style}]}).images[0]
+    assert not style_check(plain, CAPTION, style) and score(plain, CAPTION).all
+    assert style_check(styled, CAPTION, style) and score(styled, styled_caption(CAPTION, style)).all
+
+
 @pytest.fixture(scope="module")
 def lora_service(redis_url, tmp_path_factory, lora_dir):
     """An API and one fastgen-shapes worker with two pool processes, on Redis, serving the LoRA library."""
@@ -272,8 +320,9 @@ def test_the_service_lists_the_library_and_refuses_unknown_names_at_the_door(lor
 
     with lora_service.client() as client:
         names = {entry["name"] for entry in client.loras()}
-        assert {"style", "other0", "corrupt"} <= names
-        for name, words in (("nope", "the library has: corrupt, for-tiny-sd"), ("../style", "letters, digits")):
+        assert {"style", "other0", "corrupt"} | SHIPPED <= names
+        unknown = "the library has: complement, corrupt, for-tiny-sd"  # the shipped adapters with the directory's
+        for name, words in (("nope", unknown), ("../style", "letters, digits")):
             with pytest.raises(ServiceError) as error:
                 client.submit({**SHAPES, "loras": [{"name": name}]})
             assert error.value.status_code == 422 and words in str(error.value.detail), error.value.detail

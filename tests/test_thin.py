@@ -81,7 +81,7 @@ def test_the_api_process_with_default_settings_never_imports_torch(tmp_path):
     write_lora(tmp_path / "loras" / "ink.safetensors", {"unet.up.attn2.to_k.lora_A.weight": torch.zeros(4, 768)})
     report = fresh(API_PROCESS, tmp_path)
     assert set(report["codes"].values()) == {200}, report["codes"]
-    assert report["loras"] == ["ink"]
+    assert report["loras"] == ["complement", "ink", "large", "reverse"]  # the shipped adapters, and the file put here
     assert (report["submitted"], report["status"], report["refused"]) == (202, "queued", 422)
     assert report["heavy"] == []
 

@@ -11,6 +11,11 @@ a scan found, never turned into a path, so no name can reach outside the directo
 its header alone (format, rank, adapted layers, base model family, size) plus a SHA-256 of its bytes, and its
 tensors are pre-read into host memory (least recently used dropped beyond ``host_bytes``), so a request never
 waits for a disk read of an adapter the worker has seen.
+
+The adapters shipped with the package (``fastgen/models/weights/loras``: style LoRAs for ``fastgen-shapes``, each
+with its model card) are listed beside the directory's files, so a fresh service offers them; a file of the same
+name in ``FASTGEN_LORA_DIR`` wins (the operator's library is theirs to override), and the listing says which
+adapters are the shipped ones.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ if TYPE_CHECKING:  # tensors are read lazily: the API only lists adapters and mu
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "models" / "weights" / "loras"
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te_")
 DENOISER_PREFIXES = ("unet.", "transformer.", "lora_unet_", "lora_transformer_")
 DOWN_MARKERS = (".lora_A.", ".lora.down.", ".lora_down.")  # the (rank, in) half of a pair
@@ -72,6 +78,7 @@ class LoraInfo:
     size_bytes: int
     sha256: str
     mtime_ns: int
+    shipped: bool = False  # one of the package's adapters (not shadowed by a file of the library directory)
 
     def public(self) -> dict[str, Any]:
         """JSON for the listing: everything but the path (the directory is the operator's business)."""
@@ -86,6 +93,7 @@ class LoraInfo:
             "text_encoder_layers": self.text_encoder_layers,
             "size_bytes": self.size_bytes,
             "sha256": self.sha256,
+            "shipped": self.shipped,
         }
 
 
@@ -101,10 +109,11 @@ class Unreadable:
 
 
 class LoraLibrary:
-    """The adapters in one directory; safe to share between threads."""
+    """The adapters in one directory, and the shipped ones (``shipped=None``: none); safe to share between threads."""
 
-    def __init__(self, directory: Path | None, host_bytes: int = 4 * 1024**3):
+    def __init__(self, directory: Path | None, host_bytes: int = 4 * 1024**3, shipped: Path | None = SHIPPED_DIR):
         self.directory = Path(directory).expanduser() if directory else None
+        self.shipped = Path(shipped) if shipped else None
         self.host_bytes = host_bytes
         self._entries: dict[str, LoraInfo | Unreadable] = {}
         self._tensors: OrderedDict[tuple[str, str], dict[str, torch.Tensor]] = OrderedDict()
@@ -113,18 +122,23 @@ class LoraLibrary:
 
     def scan(self) -> None:
         """Read the directory again; files whose size and mtime are unchanged keep their description."""
-        found = _adapter_files(self.directory)
+        shipped, own = _adapter_files(self.shipped), _adapter_files(self.directory)
+        found = shipped | own  # a name in both: the operator's file
         with self._lock:
             old = self._entries
             self._entries = {name: self._describe(name, path, old.get(name)) for name, path in found.items()}
+        for name in shipped.keys() & own.keys():
+            if not isinstance(old.get(name), LoraInfo) or old[name].path != own[name]:
+                logger.info("LoRA %r: %s replaces the shipped adapter of that name", name, own[name])
         self._preread()
 
     def _describe(self, name: str, path: Path, known: LoraInfo | Unreadable | None) -> LoraInfo | Unreadable:
         stat = path.stat()
-        if isinstance(known, LoraInfo) and (known.size_bytes, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+        same = isinstance(known, LoraInfo) and known.path == path
+        if same and (known.size_bytes, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             return known
         try:
-            return describe(name, path)
+            return describe(name, path, shipped=self.shipped is not None and path.parent == self.shipped)
         except Exception as exc:
             logger.warning("LoRA file %s is unreadable: %s", path, exc)
             return Unreadable(name, f"unreadable safetensors file ({type(exc).__name__}: {exc})")
@@ -210,7 +224,7 @@ def _adapter_files(directory: Path | None) -> dict[str, Path]:
     return files
 
 
-def describe(name: str, path: Path) -> LoraInfo:
+def describe(name: str, path: Path, shipped: bool = False) -> LoraInfo:
     """An adapter's description from its safetensors header, and the SHA-256 of the whole file."""
     with safe_open(str(path), framework="numpy") as f:  # header only; "pt" would import torch
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
@@ -234,6 +248,7 @@ def describe(name: str, path: Path) -> LoraInfo:
         size_bytes=stat.st_size,
         sha256=_sha256(path),
         mtime_ns=stat.st_mtime_ns,
+        shipped=shipped,
     )
 
 
