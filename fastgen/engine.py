@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,6 +70,22 @@ class LoadedPipeline:
     pipe: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: AdapterSlots | None = None  # LoRA slots, made on the first request with LoRAs
+
+
+@dataclass
+class Run:
+    """One pipeline call, built once by ``Engine.run``: the request with its model's defaults, the seed, the LoRAs
+    from the library, the tenant and prompt vector the cache looks up by, and the step monitor the techniques hook
+    into. One request per call today; request batching will make it hold several."""
+
+    loaded: LoadedPipeline
+    request: GenerationRequest
+    seed: int
+    tenant: str
+    monitor: StepMonitor
+    adapters: list[tuple[LoraInfo, float]]
+    decode: bool = True  # False: stop at the latents (the helper ranks of a multi-device worker)
+    embedded: PromptEmbedding | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -227,8 +244,9 @@ class Engine:
         loaded, load_s = self.pool.get(spec)
         monitor = StepMonitor(request.steps, on_step, cancel)
         monitor.check_cancel()
+        run = Run(loaded, request, seed, tenant, monitor, adapters, decode, embedded)
         with loaded.lock:
-            output, reports = self._generate(loaded, request, seed, tenant, monitor, adapters, decode, embedded)
+            output, reports = self._generate(run)
         finished = time.perf_counter()
         result = GenerationResult(
             id=result_id or uuid.uuid4().hex,
@@ -250,34 +268,25 @@ class Engine:
         """The request's LoRAs from the library, with their scales; LoraError names an unusable one."""
         return [(self.loras.get(lora.name, f"loras[{i}]"), lora.scale) for i, lora in enumerate(request.loras)]
 
-    def _generate(self, loaded, request, seed, tenant, monitor, adapters, decode, embedded) -> tuple[Any, list]:
-        """Look up the cache, switch on the LoRAs, attach the accelerators, run the pipeline, take them off again."""
-        pipe, fingerprints = loaded.pipe, tuple((info.name, info.sha256, scale) for info, scale in adapters)
-        cached = (
-            self.cache.begin(pipe, loaded.spec.name, request, seed, tenant, fingerprints, embedded)
-            if self.cache
-            else None
-        )
-        if cached:
-            monitor.skipped = cached.skipped
-            monitor.hooks.append(cached.on_step)
-        loras = self._activate(loaded, adapters, monitor)
-        try:
-            attached = attach(pipe, request, self.accelerators)
-            try:
-                detach_resume, resume_kwargs = cached.resume() if cached else (lambda: None, {})
-                try:
-                    monitor.start = time.perf_counter()
-                    kwargs = call_kwargs(pipe, loaded.spec, request, seed, monitor) | resume_kwargs
-                    output = pipe(**kwargs | ({} if decode else {"output_type": "latent"}))
-                finally:
-                    detach_resume()
-                reports = attached.reports()
-            finally:
-                attached.remove()
-        finally:
+    def _generate(self, run: Run) -> tuple[Any, list[AccelerationReport]]:
+        """Look up the cache, switch on the LoRAs, attach the accelerators, run the pipeline; whatever happens, each is
+        taken off again in the reverse order (the stack)."""
+        pipe, request = run.loaded.pipe, run.request
+        with ExitStack() as attached_here:
+            cached = self._begin_cache(run)
+            loras = self._activate(run)
             if loras:
-                loras.remove()
+                attached_here.callback(loras.remove)
+            accelerators = attach(pipe, request, self.accelerators)
+            attached_here.callback(accelerators.remove)
+            resume_kwargs = {}
+            if cached:
+                detach_resume, resume_kwargs = cached.resume()
+                attached_here.callback(detach_resume)
+            run.monitor.start = time.perf_counter()
+            kwargs = call_kwargs(pipe, run.loaded.spec, request, run.seed, run.monitor) | resume_kwargs
+            output = pipe(**kwargs | ({} if run.decode else {"output_type": "latent"}))
+            reports = accelerators.reports()
         if loras:
             reports.insert(0, AccelerationReport(name="loras", details=loras.report()))
         if cached:
@@ -286,7 +295,20 @@ class Engine:
             reports.append(AccelerationReport(name="cache", details=cached.finish()))
         return output, reports
 
-    def _activate(self, loaded: LoadedPipeline, adapters, monitor: StepMonitor) -> ActiveLoras | None:
+    def _begin_cache(self, run: Run):
+        """The cache's decision for this run (a hit sets where it starts), or None with the cache off."""
+        if not self.cache:
+            return None
+        fingerprints = tuple((info.name, info.sha256, scale) for info, scale in run.adapters)
+        spec, pipe = run.loaded.spec, run.loaded.pipe
+        cached = self.cache.begin(pipe, spec.name, run.request, run.seed, run.tenant, fingerprints, run.embedded)
+        if cached:
+            run.monitor.skipped = cached.skipped
+            run.monitor.hooks.append(cached.on_step)
+        return cached
+
+    def _activate(self, run: Run) -> ActiveLoras | None:
+        loaded, adapters, monitor = run.loaded, run.adapters, run.monitor
         if not adapters:
             return None
         if loaded.adapters is None:
