@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.transformers.transformer_wan import WanAttention
 
+from fastgen.attention.projections import rotary_argument, unfused_projections
 from fastgen.parallel.comm import all_gather_now
 from fastgen.parallel.denoiser import batch_half
 from fastgen.parallel.groups import ParallelGroups
@@ -198,8 +198,9 @@ class SequenceSelfAttention:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if attention_mask is not None:
             raise ValueError(f"sequence parallelism: {self.key} uses a self-attention mask it cannot split")
-        rotary = kwargs.get("rotary_emb", args[0] if args else None)
-        query, key, value = _heads(attn, hidden_states, rotary)  # (B, tokens, heads, head_dim)
+        projections, rotary = unfused_projections(attn), rotary_argument(args, kwargs)
+        # Tokens first, (B, tokens, heads, head_dim): the chunks are cut and exchanged along the tokens.
+        query, key, value = projections.qkv(attn, hidden_states, None, rotary, heads_first=False)
         ctx = self.state.active
         if ctx.synchronous and ctx.mode == "sync" and self.state.ulysses:
             out = _ulysses(ctx, query, key, value)
@@ -207,28 +208,7 @@ class SequenceSelfAttention:
             kv = torch.stack([key.flatten(2), value.flatten(2)])
             full_k, full_v = context_kv(ctx, self.key, kv)
             out = _attend(query, full_k.unflatten(2, query.shape[2:]), full_v.unflatten(2, query.shape[2:]))
-        return attn.to_out[1](attn.to_out[0](out.flatten(2).to(hidden_states.dtype)))
-
-
-def _heads(attn, hidden_states: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V per head, normalised and rotated as the model's own processor does."""
-    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    across_heads = isinstance(attn, WanAttention)  # Wan normalises Q and K over all heads at once
-    if across_heads:
-        query, key = attn.norm_q(query), attn.norm_k(key)
-    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-    if not across_heads and attn.norm_q is not None:
-        query, key = attn.norm_q(query), attn.norm_k(key)
-    if rotary is not None:
-        query, key = _rotate(query, *rotary), _rotate(key, *rotary)
-    return query, key, value
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding on interleaved (even, odd) channel pairs."""
-    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).type_as(x)
+        return projections.output(attn, out, hidden_states, None, heads_first=False)
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

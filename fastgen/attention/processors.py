@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fastgen.attention.kernels import HeadPlan, Kernel
 from fastgen.attention.patterns import Pattern, TokenLayout, video_head_candidates, window
 from fastgen.attention.profiling import choose_patterns, sampled_rows
-from fastgen.attention.projections import Projections
+from fastgen.attention.projections import Projections, rotary_argument
 from fastgen.attention.reshape import Statistics, record, reshape
 
 logger = logging.getLogger(__name__)
@@ -181,8 +181,7 @@ class SparseSelfAttention:
         layout = self._layout(attn, hidden_states, encoder_hidden_states, attention_mask)
         if layout is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        rotary = args[0] if args else kwargs.get("rotary_emb", kwargs.get("image_rotary_emb"))
-        q, k, v = self.projections.qkv(attn, hidden_states, encoder_hidden_states, rotary)
+        q, k, v = self.projections.qkv(attn, hidden_states, encoder_hidden_states, rotary_argument(args, kwargs))
         out = self.state.attend(self.key, q, k, v, layout)
         return self.projections.output(attn, out, hidden_states, encoder_hidden_states)
 

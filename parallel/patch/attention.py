@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastgen.attention.projections import UNFUSED_STANDARD
 from fastgen.parallel.patch.context import PatchContext
 
 
@@ -31,31 +32,12 @@ class PatchSelfAttention:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None:
             raise ValueError(f"patch parallelism: {self.key} uses a mask or an attention norm it cannot split")
-        residual, shape = hidden_states, hidden_states.shape
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        kv = torch.stack([attn.to_k(hidden_states), attn.to_v(hidden_states)])  # (2, B, tokens, inner)
-        key, value = context_kv(self.ctx, self.key, kv)
-        out = self.attend(attn, query, key, value)
-        if len(shape) == 4:
-            out = out.transpose(1, 2).reshape(shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-    @staticmethod
-    def attend(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        batch, heads = query.shape[0], attn.heads
-        head_dim = key.shape[-1] // heads
-        query, key, value = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = UNFUSED_STANDARD.project(attn, hidden_states)
+        # K/V are exchanged before the head split: one (2, B, tokens, inner) tensor per layer.
+        key, value = context_kv(self.ctx, self.key, torch.stack([key, value]))
+        query, key, value = UNFUSED_STANDARD.heads(attn, query, key, value)
         out = F.scaled_dot_product_attention(query, key, value)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
-        return attn.to_out[1](attn.to_out[0](out))
+        return UNFUSED_STANDARD.output(attn, out, hidden_states, None)
 
 
 def context_kv(ctx: PatchContext, key: str, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
