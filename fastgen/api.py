@@ -27,14 +27,13 @@ from fastgen import api_assets, api_docs
 from fastgen.api_docs import JobAccepted
 from fastgen.artifacts import ArtifactGone, ArtifactStore
 from fastgen.errors import FastgenError, InvalidRequest
-from fastgen.jobs import redis_fault
+from fastgen.jobs import DEFAULT_TENANT, redis_fault
 from fastgen.metrics import render_metrics
 from fastgen.request import request_schema
 from fastgen.settings import Settings
 from fastgen.workers.queue import JobNotFound, JobQueue, JobStatus, QueueUnavailable
 
 logger = logging.getLogger(__name__)
-OPEN_TENANT = "public"
 JSON_TYPES = ("application/json", "+json")
 
 
@@ -194,7 +193,7 @@ def _require_json(request: Request) -> None:
 
 def _tenant_dependency(keys: dict[str, str]):
     if not keys:
-        return lambda: OPEN_TENANT
+        return lambda: DEFAULT_TENANT
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>, a key of FASTGEN_API_KEYS")
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description="A key of FASTGEN_API_KEYS")
 

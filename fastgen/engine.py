@@ -25,6 +25,7 @@ from PIL import Image
 
 from fastgen.accelerators import ACCELERATORS, Accelerator, attach
 from fastgen.errors import Cancelled, ModelLoadError
+from fastgen.jobs import DEFAULT_TENANT
 from fastgen.lora.hotswap import ActiveLoras, AdapterSlots
 from fastgen.lora.library import LoraInfo, LoraLibrary
 from fastgen.models.registry import ModelRegistry, ModelSpec
@@ -226,7 +227,7 @@ class Engine:
         on_step: StepCallback | None = None,
         cancel: CancelFlag | None = None,
         result_id: str | None = None,
-        tenant: str = "public",
+        tenant: str = DEFAULT_TENANT,
         decode: bool = True,
         embedded: PromptEmbedding | None = None,
     ) -> Generation:

@@ -2,8 +2,9 @@
 
 Celery's result backend answers PENDING for any id it has never seen, so the service keeps its
 own record of every job: who owns it (tenant), which model and queue, when it was submitted, how
-often a worker started it, whether someone asked to cancel it, and how it ended. Counters and a
-latency histogram for ``/metrics`` come from here too.
+often a worker started it, whether someone asked to cancel it, and how it ended. How it ended (``state``, one of
+FINAL_STATES) is the job's final word for every reader; Celery's state fills in only while it is unset (the rule is
+``fastgen.workers.queue.JobQueue._status``). Counters and a latency histogram for ``/metrics`` come from here too.
 
 A worker running a job holds a lease on it (``started``, then ``heartbeat`` about every second): a job whose lease
 has lapsed while it has no final state lost its worker (the pool process died, or the whole worker) and waits to
@@ -26,6 +27,7 @@ from typing import Protocol
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+DEFAULT_TENANT = "public"  # who owns a job on an open service (no FASTGEN_API_KEYS), or one sent with no tenant
 RETENTION_S = 7 * 24 * 3600  # how long a job's record outlives it
 # A Redis that hangs (stopped, partitioned) must fail a request within seconds, not hold it: every call to it is
 # bounded, and a timeout is never retried (a retry would double the wait a caller sees).
@@ -97,7 +99,11 @@ class JobStore(Protocol):
     def requeued(self, job_id: str) -> None:
         """The job went back to its queue: its lease ends now."""
 
-    def finished(self, job_id: str, state: str) -> None: ...
+    def finished(self, job_id: str, state: str) -> None:
+        """Record the job's final state, the one every reader believes; the first one recorded stays.
+
+        Written last, once the result backend holds the outcome (result, error, progress), so a job that reads ended
+        has its details to show."""
 
     def state_counts(self) -> dict[str, int]:
         """queued, running and each final state."""

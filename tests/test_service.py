@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -19,6 +20,9 @@ from PIL import Image
 from services import Api, free_port, pid_alive, service_env, wait_until, worker
 
 from fastgen.client import ServiceError
+from fastgen.jobs import DEFAULT_TENANT, RedisJobStore
+from fastgen.settings import Settings
+from fastgen.workers.app import TASK_NAME, create_celery, queue_name
 
 pytestmark = pytest.mark.timeout(240)
 JOB_TIMEOUT_S = "15"
@@ -48,6 +52,13 @@ def service(redis_url, tmp_path_factory):
 def client(service):
     with service.api.client() as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def celery_app(service):
+    """A Celery app on the service's broker and result backend, as a Python user who talks to Celery would have."""
+    settings = Settings(data_dir=service.data_dir, broker_url=service.env["FASTGEN_BROKER_URL"])
+    return create_celery(settings, ["tiny-sd"])
 
 
 def test_submit_poll_download(client):
@@ -107,13 +118,87 @@ def _running_at_step(client, job_id: str, step: int):
 
 def test_cancel_a_queued_job_means_it_never_runs(service, client):
     blocker = client.submit(long_job())
-    queued = client.submit(quick())
-    assert client.cancel(queued["id"])["status"] == "cancelled"
+    queued = client.submit(quick())["id"]
+    assert client.cancel(queued)["status"] == "cancelled"
     client.cancel(blocker["id"])
     assert client.wait(blocker["id"], timeout_s=60)["status"] == "cancelled"
-    time.sleep(1)  # the worker takes the cancelled job next and must drop it
-    assert client.status(queued["id"])["status"] == "cancelled"
-    assert service.redis.hget(f"fastgen:job:{queued['id']}", "attempts") in (None, b"1")
+    # The one worker takes the cancelled job next and drops it; it logs that once it is done with the job.
+    dropped = f"job {queued}: cancelled before it started; dropped"
+    seen = []
+
+    def taken_and_dropped() -> bool:
+        seen.append(client.status(queued))
+        return dropped in service.worker.log()
+
+    wait_until(taken_and_dropped, 60, "the worker to take the cancelled job and drop it")
+    seen.append(client.status(queued))
+    never_ran = [s for s in seen if s["status"] == "cancelled" and s["attempts"] == 0 and s["result"] is None]
+    assert never_ran == seen, seen  # it never read running, and never had a start counted
+    assert all((s["progress"] or {}).get("step", 0) == 0 for s in seen), seen
+    assert f"job {queued}: attempt" not in service.worker.log()  # the worker never started it
+    assert service.redis.hget(f"fastgen:job:{queued}", "attempts") is None
+    assert not (service.data_dir / "artifacts" / queued).exists()
+
+
+@pytest.mark.parametrize("final", ["failed", "cancelled"])
+def test_the_job_stores_final_state_wins_over_celerys(service, client, celery_app, final):
+    """While Celery's record says queued, and after the worker made it say succeeded, the job store says ``final``:
+    that is what the status, the wait and the result endpoint tell."""
+    blocker = client.submit(long_job())["id"]
+    wait_until(lambda: _running_at_step(client, blocker, 1), 120, "the worker to be busy")
+    job = client.submit(quick(seed=5))["id"]
+    RedisJobStore(service.env["FASTGEN_BROKER_URL"]).finished(job, final)  # no cancel flag: a worker still runs it
+    assert celery_app.backend.get_task_meta(job)["status"] == "PENDING"
+    assert client.status(job)["status"] == final
+    client.cancel(blocker)
+    wait_until(lambda: celery_app.backend.get_task_meta(job)["status"] == "SUCCESS", 120, "Celery to say succeeded")
+    status = client.wait(job, timeout_s=5)
+    assert status["status"] == final and status["result"] is None and status["progress"] is None, status
+    assert status["error"] == ("the job failed" if final == "failed" else None), status
+    with pytest.raises(ServiceError) as info:
+        client.result_bytes(job)
+    assert info.value.status_code == 409 and final in info.value.message
+    assert service.redis.hget(f"fastgen:job:{job}", "state") == final.encode()  # the worker's end did not overwrite it
+
+
+def test_a_bare_celery_submission_runs_in_the_tenant_its_message_names(service, client, celery_app, tmp_path):
+    """No door and no job record: the task's ``tenant`` keyword alone says whose cache partition the job uses; left
+    out, the job is DEFAULT_TENANT's, the open door's tenant."""
+    request = quick(prompt=f"a tenant's prompt {uuid.uuid4().hex}", steps=6, accelerate={"cache": {"enabled": True}})
+
+    def bare(**kwargs) -> bool:
+        queue = queue_name("tiny-sd")
+        result = celery_app.send_task(TASK_NAME, args=[request], kwargs=kwargs, queue=queue, routing_key=queue)
+        return cache_hit(result.get(timeout=120))
+
+    assert bare(tenant="alice") is False  # the first of its prompt anywhere
+    assert bare(tenant="alice") is True  # alice's own states
+    env = {**service.env, "FASTGEN_API_KEYS": "alice-key=alice,bob-key=bob"}
+    api = Api(env, tmp_path / "api-keys.log")
+    try:
+        with api.client("alice-key") as alice, api.client("bob-key") as bob:
+            # Through the door the tenant travels in the message too: alice's job finds the bare job's states,
+            # bob's does not.
+            assert cache_hit(bob.wait(bob.submit(request)["id"], timeout_s=120)["result"]) is False
+            assert cache_hit(alice.wait(alice.submit(request)["id"], timeout_s=120)["result"]) is True
+    finally:
+        api.stop()
+    assert bare() is False  # DEFAULT_TENANT's partition has none of alice's or bob's states
+    assert cache_hit(client.wait(client.submit(request)["id"], timeout_s=120)["result"]) is True  # the open door's
+
+
+def cache_hit(result: dict) -> bool:
+    (report,) = [a["details"] for a in result["accelerations"] if a["name"] == "cache"]
+    return report["hit"]
+
+
+def test_the_default_tenant_is_named_once():
+    from fastgen import workers
+    from fastgen.engine import Engine
+    from fastgen.workers.tasks import run_job
+
+    for function in (Engine.run, workers.submit, run_job):
+        assert inspect.signature(function).parameters["tenant"].default is DEFAULT_TENANT, function
 
 
 def test_worker_killed_mid_job_the_job_completes_exactly_once(service, client):

@@ -2,8 +2,10 @@
 
 A job is validated at the door (limits, then the model's capabilities, without loading the
 model), registered in the job store and sent to its model's queue with the job id as the Celery
-task id. Its status is read with one ``get_task_meta`` (state and meta in one read, so they
-cannot disagree) and told in five words: queued, running, succeeded, failed, cancelled.
+task id and its tenant in the message. Its status is told in five words: queued, running, succeeded,
+failed, cancelled, by one rule (``JobQueue._status``): the job store's final state wins; Celery's
+state (one ``get_task_meta``: state and meta in one read, so they cannot disagree) speaks only while
+the store has none, and its meta gives the details (progress, the result, the error).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from fastgen.cache import open_door_embedder
 from fastgen.cache.embedder import DoorEmbedder
 from fastgen.errors import FastgenError, InvalidRequest
-from fastgen.jobs import JobRecord, JobStore, StoreUnavailable, open_job_store, redis_fault
+from fastgen.jobs import FINAL_STATES, JobRecord, JobStore, StoreUnavailable, open_job_store, redis_fault
 from fastgen.lora.library import LoraLibrary
 from fastgen.models.registry import ModelRegistry
 from fastgen.request import GenerationRequest, GenerationResult, parse_request
@@ -114,15 +116,20 @@ class JobQueue:
         request = self.validate(payload)
         job = JobRecord(uuid.uuid4().hex, tenant, request.model, queue_name(request.model), time.time())
         embedded = self.door_embedder and self.door_embedder.embed(request.prompt, request.accelerate.cache.enabled)
+        # The tenant travels in the message: the worker reads it there (a bare Celery submission has no record).
+        kwargs, shown = {"tenant": tenant}, f"{{'tenant': {tenant!r}}}"
+        if embedded:
+            kwargs["embedded"] = embedded.message()
+            shown = f"{{'tenant': {tenant!r}, 'embedded': (the prompt's embedding, not shown)}}"
         with self._reachable():
             self.jobs.add(job)
             self.celery.send_task(
                 TASK_NAME,
                 args=[request.model_dump(mode="json")],
-                kwargs={"embedded": embedded.message()} if embedded else {},
+                kwargs=kwargs,
                 # What task events and Celery's logs show instead of the arguments, which hold the prompt.
                 argsrepr="(the request, not shown)",
-                kwargsrepr="(the prompt's embedding, not shown)" if embedded else "{}",
+                kwargsrepr=shown,
                 task_id=job.id,
                 queue=job.queue,
                 routing_key=job.queue,
@@ -173,9 +180,21 @@ class JobQueue:
                 connection.ensure_connection(max_retries=1, timeout=2)
 
     def _status(self, job: JobRecord, meta: dict) -> JobStatus:
-        state = CELERY_STATES.get(meta["status"], "running")
-        if job.state == "cancelled":
-            state = "cancelled"  # the store's final word: a worker that takes the job late cannot make it read running
+        """The job's status by the one rule that every reader goes through (``GET /v1/jobs/{id}``, its result, the
+        client's wait and the web page, which poll it, and a cancel, which asks it whether the job still waits):
+
+        **the job store's final state (succeeded, failed, cancelled) is the job's status whenever it has one.**
+        Only while it has none does Celery's state speak: queued or running (queued again, with a note, once the
+        running attempt's lease lapsed), or a final state the store never got (a job killed at its hard time
+        limit, a result record that cannot be read). Celery's meta gives the details only: progress, the result,
+        the error text (a generic one when Celery holds no failure for a job the store says failed).
+
+        Every writer of an outcome (the worker's task class, the door's cancel) stores it in the result backend
+        first and the store's final state last, so both agree once the store has spoken. One exception keeps
+        broken data from being served: a success whose stored result does not validate reads failed.
+        """
+        final = job.state in FINAL_STATES
+        state = job.state if final else CELERY_STATES.get(meta["status"], "running")
         status = JobStatus(
             id=job.id, status=state, model=job.model, submitted_at=job.submitted_at, attempts=job.attempts
         )
@@ -193,7 +212,7 @@ class JobQueue:
                 logger.warning("job %s: its stored result does not validate: %s", job.id, exc)
                 status.status, status.error = "failed", f"{UNREADABLE} (it is not a GenerationResult)"
         elif state == "failed":
-            status.error = failure_text(info)
+            status.error = failure_text(info if meta["status"] == "FAILURE" else None)
         return status
 
     @contextmanager

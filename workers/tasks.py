@@ -2,7 +2,11 @@
 
 It validates the payload, runs the engine with a step callback that publishes progress and
 honours cancellation, stores the artifacts and returns the result metadata. The stable public
-name is ``fastgen.generate``; its one argument is a GenerationRequest as a JSON object.
+name is ``fastgen.generate``; its one argument is a GenerationRequest as a JSON object, its keywords
+``tenant`` (who owns the job; ``DEFAULT_TENANT`` when absent) and ``embedded`` (the door's prompt vector).
+
+A job's outcome goes to Celery's result backend first and to the job store's final state last (``JobTask``), since
+the store's final state is what every reader believes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from fastgen.cache import open_cache
 from fastgen.cache.embedder import PromptEmbedding
 from fastgen.engine import CancelFlag, Engine, Generation, Progress, StepCallback
 from fastgen.errors import Cancelled, FastgenError
-from fastgen.jobs import JobStore, open_job_store
+from fastgen.jobs import DEFAULT_TENANT, JobStore, open_job_store
 from fastgen.settings import Settings
 from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME
 
@@ -131,14 +135,36 @@ def request_class(context: WorkerContext) -> type[Request]:
     return JobRequest
 
 
+def task_class(context: WorkerContext) -> type[Task]:
+    """Our task's class, which records a job's final state in the job store once Celery stored its outcome."""
+
+    class JobTask(Task):
+        def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
+            # Celery calls this after it stored the result or the failure, in the pool process, or in the main one
+            # for a job killed at its hard time limit (not for Ignore or Reject: a cancelled job records its own
+            # end, a rejected one goes back to its queue). The store's final state, the one every reader believes,
+            # is written last, so a job that reads succeeded always has its result to show.
+            if status not in (states.SUCCESS, states.FAILURE):
+                return
+            try:
+                context.jobs.finished(task_id, "succeeded" if status == states.SUCCESS else "failed")
+            except Exception as exc:  # readers fall back on Celery's state, which holds the outcome already
+                logger.warning("job %s: could not record its end (%s) in the job store: %s", task_id, status, exc)
+
+    return JobTask
+
+
 def register_tasks(app: Celery, context: WorkerContext) -> None:
-    @app.task(name=TASK_NAME, bind=True, Request=request_class(context))
-    def generate(task: Task, payload: dict, embedded: dict | None = None) -> dict:
-        return run_job(task, context, payload, embedded)
+    @app.task(name=TASK_NAME, bind=True, base=task_class(context), Request=request_class(context))
+    def generate(task: Task, payload: dict, embedded: dict | None = None, tenant: str = DEFAULT_TENANT) -> dict:
+        return run_job(task, context, payload, embedded, tenant)
 
 
-def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | None = None) -> dict:
-    """``embedded``: the prompt's cache vector, when the door computed it (bare Celery submissions have none)."""
+def run_job(
+    task: Task, context: WorkerContext, payload: dict, embedded: dict | None = None, tenant: str = DEFAULT_TENANT
+) -> dict:
+    """``embedded``: the prompt's cache vector, when the door computed it (bare Celery submissions have none);
+    ``tenant``: who owns the job, from the task's message (the door puts it there; a bare submission may)."""
     job_id = task.request.id
     if context.jobs.cancel_requested(job_id):
         drop_cancelled(task, context.jobs, job_id)
@@ -146,7 +172,6 @@ def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | 
     logger.info("job %s: attempt %d", job_id, attempt)
     # Our own STARTED (Celery's task_track_started is off: it would write it before the cancel check above).
     task.update_state(state=states.STARTED, meta={"attempt": attempt, "pid": os.getpid()})
-    record = context.jobs.get(job_id)
     try:
         with Lease(context.jobs, job_id):
             generation = context.run(
@@ -154,7 +179,7 @@ def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | 
                 on_step=progress_publisher(task, attempt),
                 cancel=CancelRequested(context.jobs, job_id),
                 result_id=job_id,
-                tenant=record.tenant if record else "public",  # a bare Celery submission has no record
+                tenant=tenant,
                 embedded=PromptEmbedding.from_message(embedded),  # None when absent or malformed
             )
             result = context.artifacts.save(generation)
@@ -162,23 +187,23 @@ def run_job(task: Task, context: WorkerContext, payload: dict, embedded: dict | 
         logger.error("job %s: the worker group broke (%s); handing the job back to the queue", job_id, exc)
         raise Reject(str(exc), requeue=True) from None
     except Cancelled as exc:
-        context.jobs.finished(job_id, "cancelled")
         task.update_state(state=CANCELLED, meta={"step": exc.step, "total": exc.total})
+        context.jobs.finished(job_id, "cancelled")
         raise Ignore() from None
     except Exception as exc:
-        context.jobs.finished(job_id, "failed")
-        raise JobFailed(failure_message(exc, context.settings)) from None
-    context.jobs.finished(job_id, "succeeded")
+        raise JobFailed(failure_message(exc, context.settings)) from None  # JobTask records it failed
     logger.info("job %s: succeeded with %d artifact(s)", job_id, len(result.artifacts))  # Celery's line omits it
-    return result.model_dump(mode="json")
+    return result.model_dump(mode="json")  # JobTask records it succeeded once Celery stored this
 
 
 def drop_cancelled(task: Task, jobs: JobStore, job_id: str) -> NoReturn:
-    """A job cancelled before it started: acknowledged and dropped, no attempt counted, its state cancelled."""
-    logger.info("job %s: cancelled before it started; dropped", job_id)
+    """A job cancelled before it started: acknowledged and dropped, no attempt counted, its state cancelled.
+
+    Its log line, written once the job is done with, is the sign that a worker took the job and dropped it."""
     # Usually the door already wrote both; not when the job was cancelled while it ran and its worker then died.
-    jobs.finished(job_id, "cancelled")
     task.update_state(state=CANCELLED, meta={"step": 0, "total": 0})
+    jobs.finished(job_id, "cancelled")
+    logger.info("job %s: cancelled before it started; dropped", job_id)
     raise Ignore()
 
 
