@@ -11,9 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+from fastgen import techniques
 from fastgen.errors import FastgenError, FieldError, InvalidRequest
 from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, GenerationResult, parse_request
 from fastgen.settings import Settings
+from fastgen.techniques.seam import Flag, Technique
 
 FORMAT_BY_SUFFIX = {".jpg": "jpeg", **{f".{fmt}": fmt for fmt in IMAGE_FORMATS + VIDEO_FORMATS}}
 
@@ -72,7 +74,8 @@ def quiet_libraries(args: argparse.Namespace) -> None:
         library.disable_progress_bar()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(table: tuple[Technique, ...] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``generate`` has each technique's flags, from ``table`` (default: the technique table)."""
     parser = argparse.ArgumentParser(prog="fastgen", description="Fast diffusion image and video generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -92,34 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frames", type=int, dest="num_frames", help="video models: number of frames")
     gen.add_argument("--fps", type=int, help="video models: frames per second")
     gen.add_argument("-f", "--format", dest="output_format", choices=IMAGE_FORMATS + VIDEO_FORMATS)
-    gen.add_argument("--fuse-qkv", action="store_true", help="accelerate: fuse attention Q/K/V projections")
-    gen.add_argument(
-        "--cache",
-        choices=["on", "off"],
-        help="accelerate: start from a similar earlier prompt's stored state (default: FASTGEN_CACHE_DEFAULT)",
-    )
-    gen.add_argument("--min-similarity", type=float, help="cache: only reuse prompts at least this similar (0-1)")
-    gen.add_argument(
-        "--sparse-attention",
-        choices=["window", "video-heads"],
-        help="accelerate: sparse self-attention for DiTs with Re-ttention's reshape (video-heads: video models)",
-    )
-    gen.add_argument(
-        "--sparse-density",
-        type=float,
-        help="sparse attention: share of tokens each query attends to (default: model's)",
-    )
-    gen.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="NAME[:SCALE]",
-        help="a LoRA from the library (FASTGEN_LORA_DIR, or the service's), scale 1 unless given; repeatable",
-    )
+    table = table or techniques.TECHNIQUES
+    for technique in table:
+        for flag in technique.flags:
+            add_flag(gen, flag)
     gen.add_argument("--json", action="store_true", help="print the result metadata as JSON")
     gen.add_argument("--url", help="run on a fastgen service at this URL instead of in this process")
     gen.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"), help="key for --url (FASTGEN_API_KEY)")
-    gen.set_defaults(command=generate)
+    gen.set_defaults(command=generate, techniques=table)
 
     worker = commands.add_parser("worker", help="serve models' job queues on this host")
     worker.add_argument("--models", help="comma-separated models (default: FASTGEN_MODELS or the built-ins)")
@@ -224,24 +207,32 @@ def request_from_args(args: argparse.Namespace) -> dict:
                 "output", f"unknown file type {suffix or '(none)'}; use one of {', '.join(sorted(FORMAT_BY_SUFFIX))}"
             )
         request["output_format"] = FORMAT_BY_SUFFIX[suffix]
-    if args.lora:
-        request["loras"] = [lora_from_arg(text) for text in args.lora]
-    cache = {"enabled": None if args.cache is None else args.cache == "on", "min_similarity": args.min_similarity}
-    request["accelerate"] = {"fuse_qkv": args.fuse_qkv, "cache": cache}
-    if args.sparse_attention or args.sparse_density is not None:
-        # A density without a mode is refused at the door (mode off) rather than silently dropped here.
-        sparse = {"mode": args.sparse_attention or "off", "density": args.sparse_density}
-        request["accelerate"]["sparse_attention"] = sparse
+    for technique in args.techniques:
+        for flag in technique.flags:
+            value = getattr(args, flag.dest)
+            if value not in (None, False, []):
+                convert = flag.convert or (lambda v: v)
+                set_field(request, flag.field, [convert(v) for v in value] if flag.repeat else convert(value))
     return request
 
 
-def lora_from_arg(text: str) -> dict:
-    """``NAME`` or ``NAME:SCALE`` as a request's LoRA entry."""
-    name, _, scale = text.partition(":")
-    try:
-        return {"name": name, "scale": float(scale)} if scale else {"name": name}
-    except ValueError:
-        raise InvalidRequest.one("lora", f"the scale after ':' must be a number, got {scale!r}") from None
+def add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
+    """A technique's flag on ``generate``."""
+    if flag.switch:
+        parser.add_argument(flag.name, action="store_true", help=flag.help)
+        return
+    options = {"type": flag.type, "choices": flag.choices, "metavar": flag.metavar, "help": flag.help}
+    if flag.repeat:
+        options |= {"action": "append", "default": []}
+    parser.add_argument(flag.name, **{k: v for k, v in options.items() if v is not None})
+
+
+def set_field(request: dict, path: str, value) -> None:
+    """``request["a"]["b"] = value`` for the path ``a.b``."""
+    *parents, name = path.split(".")
+    for parent in parents:
+        request = request.setdefault(parent, {})
+    request[name] = value
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:

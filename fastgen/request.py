@@ -12,13 +12,15 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator
 from pydantic.json_schema import DEFAULT_REF_TEMPLATE
 from pydantic_core import PydanticCustomError
 
+from fastgen import techniques
 from fastgen.errors import FieldError, InvalidRequest
-from fastgen.parallel.config import PatchMode
 from fastgen.settings import Limits
+from fastgen.strict import Strict
+from fastgen.techniques.seam import Technique
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 VIDEO_FORMATS = ("mp4", "gif")
@@ -34,8 +36,6 @@ UPPER_LIMITS = {
 }
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 LORA_NAME_SCHEMA = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # the same rule for tools, ".." included
-SparseAttentionMode = Literal["off", "window", "video-heads"]
-SPARSE_ATTENTION_MODES: tuple[str, ...] = ("off", "window", "video-heads")
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -49,12 +49,6 @@ def _over(limit_name: str, limit: float, value: float, what: str = "must be at m
         "{what} {limit} (FASTGEN_{env}), got {value}",
         {"what": what, "limit": limit, "env": limit_name.upper(), "value": value},
     )
-
-
-class Strict(BaseModel):
-    """Strict at the edge: unknown fields, a bool or a string where a number belongs, NaN and infinity are refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class LoraRef(Strict):
@@ -74,92 +68,19 @@ class LoraRef(Strict):
         return v
 
 
-class CacheOptions(Strict):
-    """The approximate noise-state cache: start from a similar earlier prompt's state and skip steps."""
-
-    enabled: bool | None = Field(
-        None, description="Use the cache; null: the service's default (FASTGEN_CACHE_DEFAULT)"
-    )
-    min_similarity: float | None = Field(
-        None, ge=0.0, le=1.0, description="Only reuse states of prompts at least this similar (cosine, 0-1)"
-    )
-
-
-class ParallelOptions(Strict):
-    """How a multi-device worker spreads this request over its ranks (ignored by single-device workers)."""
-
-    mode: PatchMode | None = Field(
-        None,
-        description="Patch mode when the image is split into strips: sync (exact), displaced (DistriFusion), pcpp "
-        "(partially conditioned patches), naive (no exchange); null: the worker's default (FASTGEN_PARALLEL_MODE)",
-    )
-    cfg: bool | None = Field(
-        None,
-        description="Run the guidance branches on different ranks (exact); null: when guidance is on and the ranks "
-        "split in two",
+def accelerate_options(table: tuple[Technique, ...] | None = None) -> type[Strict]:
+    """The request's ``accelerate`` model: one field per technique of the table that has options there."""
+    fields = {t.name: t.options for t in table or techniques.TECHNIQUES if t.options is not None}
+    return create_model(
+        "AccelerateOptions",
+        __base__=Strict,
+        __doc__="Which accelerations this request allows. Each is off unless asked for.",
+        __module__=__name__,
+        **fields,
     )
 
-    @property
-    def asked(self) -> bool:
-        return self.mode is not None or self.cfg is not None
 
-
-def _settings_need_a_mode_schema(schema: dict[str, Any]) -> None:
-    """The door's rule in JSON Schema, for tools: settings only with a mode other than off."""
-    settings = [name for name in schema["properties"] if name != "mode"]
-    on = [mode for mode in SPARSE_ATTENTION_MODES if mode != "off"]
-    schema["anyOf"] = [
-        {"required": ["mode"], "properties": {"mode": {"enum": on}}},
-        {"properties": {name: {"type": "null"} for name in settings}},
-    ]
-
-
-class SparseAttentionOptions(Strict):
-    """Sparse self-attention for DiTs (Re-ttention's statistical reshape; Sparse VideoGen's spatial/temporal heads).
-
-    Null fields take the model's defaults for the mode (``fastgen models`` lists them).
-    """
-
-    model_config = ConfigDict(json_schema_extra=_settings_need_a_mode_schema)
-
-    mode: SparseAttentionMode = Field(
-        "off",
-        description="off; window (a window of neighbouring tokens over the flattened image); video-heads (each head "
-        "attends within nearby frames or to the same place across frames, chosen per head; video models)",
-    )
-    density: float | None = Field(None, gt=0.0, le=1.0, description="Share of the image tokens each query attends to")
-    reshape: bool | None = Field(
-        None, description="Re-ttention: rescale sparse steps by the attention mass measured on full steps"
-    )
-    dense_steps: int | None = Field(
-        None, ge=1, description="Full-attention steps at the start (the last records the statistics)"
-    )
-    refresh_every: int | None = Field(None, ge=0, description="Steps between later full-attention steps (0: none)")
-    block_size: int | None = Field(None, ge=1, le=1024, description="Tokens per block of the block-sparse mask")
-
-    @model_validator(mode="after")
-    def _settings_need_a_mode(self) -> SparseAttentionOptions:
-        settings = [name for name in type(self).model_fields if name != "mode" and getattr(self, name) is not None]
-        if settings and self.mode == "off":
-            raise PydanticCustomError(
-                "mode_off",
-                "sets {settings} but mode is off; set mode to window or video-heads",
-                {"settings": ", ".join(settings)},
-            )
-        return self
-
-    @property
-    def asked(self) -> bool:
-        return self.mode != "off"
-
-
-class AccelerateOptions(Strict):
-    """Which accelerations this request allows. Each is off unless asked for."""
-
-    fuse_qkv: bool = Field(False, description="Fuse attention Q/K/V projections into one matmul")
-    cache: CacheOptions = Field(default_factory=CacheOptions)
-    parallel: ParallelOptions = Field(default_factory=ParallelOptions)
-    sparse_attention: SparseAttentionOptions = Field(default_factory=SparseAttentionOptions)
+AccelerateOptions = accelerate_options()
 
 
 class GenerationRequest(Strict):
@@ -301,9 +222,19 @@ def default_limit_errors(asked: GenerationRequest, filled: GenerationRequest, li
     return errors
 
 
-def request_schema(limits: Limits, ref_template: str = DEFAULT_REF_TEMPLATE) -> dict[str, Any]:
+def request_model(table: tuple[Technique, ...]) -> type[GenerationRequest]:
+    """GenerationRequest with the ``accelerate`` options of another technique table (a test's, say)."""
+    options = accelerate_options(table)
+    return create_model(
+        "GenerationRequest", __base__=GenerationRequest, accelerate=(options, Field(default_factory=options))
+    )
+
+
+def request_schema(
+    limits: Limits, ref_template: str = DEFAULT_REF_TEMPLATE, model: type[GenerationRequest] | None = None
+) -> dict[str, Any]:
     """The request's JSON schema with this service's limits written in as maxima."""
-    schema = GenerationRequest.model_json_schema(ref_template=ref_template)
+    schema = (model or GenerationRequest).model_json_schema(ref_template=ref_template)
     props = schema["properties"]
     for name, limit_name in UPPER_LIMITS.items():
         _nullable_variant(props[name])["maximum"] = getattr(limits, limit_name)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import small
 
-from fastgen.accelerators import ACCELERATORS, Accelerator, attach
+from fastgen.accelerators import ACCELERATORS, Accelerator, accelerators, attach, fuse_qkv
 from fastgen.accelerators.fuse_qkv import FuseQKVConfig, apply, denoiser
 from fastgen.request import GenerationRequest
+from fastgen.techniques import TECHNIQUES, Technique
 
 
 def pixels(generation) -> np.ndarray:
@@ -62,3 +63,16 @@ def test_failed_attach_removes_what_was_attached(sd_pipe):
 
 def test_nothing_attached_when_nothing_asked(sd_pipe):
     assert attach(sd_pipe, GenerationRequest(prompt="x")).attached == []
+
+
+def test_the_accelerators_are_the_technique_tables_attachable_rows_in_its_order():
+    assert (
+        [a.name for a in ACCELERATORS] == [t.name for t in TECHNIQUES if t.attach] == ["fuse_qkv", "sparse_attention"]
+    )
+    # A row declared only here, ahead of the others, attaches first, with its own module's functions.
+    probe = Technique(
+        "probe", asked=lambda r: False, supported=lambda spec: True, attach="fastgen.accelerators.fuse_qkv"
+    )
+    table = accelerators((probe, *TECHNIQUES))
+    assert [a.name for a in table] == ["probe", "fuse_qkv", "sparse_attention"]
+    assert table[0].apply is fuse_qkv.apply and table[0].from_request is fuse_qkv.from_request

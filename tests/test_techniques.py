@@ -1,13 +1,16 @@
 """The technique table is what the door, the model listing and the web page read: one row changes all three."""
 
 import pytest
+from pydantic import Field
 
 from fastgen import techniques
+from fastgen.cli import build_parser, request_from_args
 from fastgen.errors import InvalidRequest
 from fastgen.models.registry import ModelRegistry
-from fastgen.request import parse_request
+from fastgen.request import parse_request, request_model, request_schema
 from fastgen.settings import Limits
-from fastgen.techniques import TECHNIQUES, Control, Technique
+from fastgen.strict import Strict
+from fastgen.techniques import TECHNIQUES, Control, Flag, Technique
 
 
 @pytest.fixture
@@ -84,3 +87,61 @@ def test_the_web_page_offers_the_rows_with_a_control():
         "fuse_qkv": True,
         "sparse_attention": {"mode": "window"},
     }
+
+
+class ProbeOptions(Strict):
+    """A test's technique options."""
+
+    strength: float = Field(0.5, ge=0.0, le=1.0, description="How hard the probe pushes")
+
+
+PROBE = Technique(
+    "probe",
+    asked=lambda r: getattr(r.accelerate, "probe", None) is not None,
+    supported=lambda spec: spec.kind == "video",
+    options=(ProbeOptions | None, Field(None, description="A technique declared only in a test")),
+    flags=(Flag("--probe-strength", "accelerate.probe.strength", "probe: how hard it pushes", type=float),),
+    control=Control("Probe", "A test's technique.", {"strength": 0.5}),
+)
+
+
+def test_a_technique_declared_only_in_a_test_reaches_the_schema_the_listing_and_the_cli(registry, monkeypatch, capsys):
+    table = (*TECHNIQUES, PROBE)
+    schema = request_schema(Limits(), model=request_model(table))
+    assert schema["$defs"]["ProbeOptions"]["properties"]["strength"]["maximum"] == 1.0
+    assert "probe" in schema["$defs"]["AccelerateOptions"]["properties"]
+    assert "probe" not in request_schema(Limits())["$defs"]["AccelerateOptions"]["properties"]
+
+    monkeypatch.setattr(techniques, "TECHNIQUES", table)
+    assert "probe" in registry.resolve("tiny-wan").capabilities()["accelerations"]
+    assert "probe" not in registry.resolve("tiny-sd").capabilities()["accelerations"]
+
+    parser = build_parser(table)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    assert "--probe-strength PROBE_STRENGTH probe: how hard it pushes" in " ".join(capsys.readouterr().out.split())
+    args = parser.parse_args(["generate", "a cat", "--probe-strength", "0.25", "--fuse-qkv"])
+    request = request_from_args(args)
+    assert request["accelerate"] == {"probe": {"strength": 0.25}, "fuse_qkv": True}
+    parsed = request_model(table).model_validate(request, strict=False)
+    assert parsed.accelerate.probe.strength == 0.25
+    assert PROBE.asked(parsed) and not PROBE.asked(request_model(table).model_validate({"prompt": "a cat"}))
+
+
+def test_the_cli_flags_are_the_tables():
+    """Every generate flag that turns on a technique comes from a row, and sets the field the row names."""
+    args = build_parser().parse_args(
+        ["generate", "a cat", "--cache", "off", "--min-similarity", "0.9", "--lora", "ink:0.5", "--lora", "large"]
+        + ["--sparse-attention", "window", "--sparse-density", "0.1"]
+    )
+    assert request_from_args(args) == {
+        "prompt": "a cat",
+        "accelerate": {
+            "cache": {"enabled": False, "min_similarity": 0.9},
+            "sparse_attention": {"mode": "window", "density": 0.1},
+        },
+        "loras": [{"name": "ink", "scale": 0.5}, {"name": "large"}],
+    }
+    assert request_from_args(build_parser().parse_args(["generate", "a cat"])) == {"prompt": "a cat"}
+    flags = [flag.name for technique in TECHNIQUES for flag in technique.flags]
+    assert flags == ["--cache", "--min-similarity", "--lora", "--fuse-qkv", "--sparse-attention", "--sparse-density"]

@@ -5,20 +5,23 @@ restores the pipeline exactly, so after removal its output is bit-identical to a
 never had it. The engine composes the accelerators a request asks for inside try/finally.
 
 Accelerators are found by the request option that turns them on (``request.accelerate.<name>``),
-through the :data:`ACCELERATORS` table: adding one is a module with a config, ``from_request``
-and ``apply``, and a row here. A worker may add rows of its own (a multi-device worker adds
-``parallel``, bound to its process groups).
+through the :data:`ACCELERATORS` table, made from the technique table's rows that name a module to
+``attach`` (``fastgen.techniques``), in its order: adding one is a module here with a config,
+``from_request`` and ``apply``, and its declaration there. A worker may add rows of its own (a
+multi-device worker adds ``parallel``, bound to its process groups).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from fastgen.accelerators import fuse_qkv, sparse_attention
+from fastgen import techniques
 from fastgen.request import AccelerationReport, GenerationRequest
+from fastgen.techniques.seam import Technique
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +43,13 @@ class Accelerator:
     apply: Callable[[Any, Any], Handle]
 
 
-ACCELERATORS: tuple[Accelerator, ...] = (
-    Accelerator("fuse_qkv", fuse_qkv.from_request, fuse_qkv.apply),
-    Accelerator("sparse_attention", sparse_attention.from_request, sparse_attention.apply),
-)
+def accelerators(table: tuple[Technique, ...] | None = None) -> tuple[Accelerator, ...]:
+    """The accelerators of the technique table's rows that name a module to attach, in the table's order."""
+    modules = {t.name: importlib.import_module(t.attach) for t in table or techniques.TECHNIQUES if t.attach}
+    return tuple(Accelerator(name, module.from_request, module.apply) for name, module in modules.items())
+
+
+ACCELERATORS: tuple[Accelerator, ...] = accelerators()
 
 
 @dataclass

@@ -28,10 +28,10 @@ from fastgen.request import (
     IMAGE_FORMATS,
     VIDEO_FORMATS,
     GenerationRequest,
-    SparseAttentionOptions,
     default_limit_errors,
 )
 from fastgen.settings import Limits
+from fastgen.techniques.sparse_attention import SparseAttentionOptions
 
 logger = logging.getLogger(__name__)
 

@@ -1,120 +1,35 @@
-"""Every technique a request can ask for, in one ordered table: what turns it on, which models take it, what it is
-refused with, and how the web page offers it.
+"""Every technique a request can ask for, in one ordered table: its request options, what turns it on, which models
+take it, what it is refused with, its CLI flags and how the web page offers it.
 
-The door (``ModelSpec.complete``), ``GET /v1/models`` (``ModelSpec.capabilities``) and the web page's controls all
-read :data:`TECHNIQUES`, so the rules between techniques live here and nowhere else. The table's order is the order
-the engine applies them in: the cache decides the start step before LoRAs are switched on, and the accelerators that
-swap attention processors attach after both. Torch-free: the API tier and the page import it.
+Each technique declares itself in one module here (``cache``, ``loras``, ``fuse_qkv``, ``sparse_attention``,
+``parallel``: a :class:`~fastgen.techniques.seam.Technique` named ``TECHNIQUE``). The request's ``accelerate`` options
+(``fastgen.request``), the door (``ModelSpec.complete``), ``GET /v1/models`` (``ModelSpec.capabilities``), the web
+page's controls and the ``fastgen generate`` flags all read :data:`TECHNIQUES`, so the rules between techniques live
+here and nowhere else. The table's order is the order the engine applies them in: the cache decides the start step
+before LoRAs are switched on, and the accelerators that swap attention processors attach after both. Torch-free: the
+API tier and the page import it.
 
-How each one attaches to a pipeline is its own module's business (``fastgen.accelerators``, ``fastgen.cache``,
-``fastgen.lora``, ``fastgen.parallel``); this table only declares.
+How each one attaches to a pipeline is its own package's business (``fastgen.accelerators``, ``fastgen.cache``,
+``fastgen.lora``, ``fastgen.parallel``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fastgen.techniques import cache, fuse_qkv, loras, parallel, sparse_attention
+from fastgen.techniques.loras import LORA_PIPELINES
+from fastgen.techniques.parallel import SPLITTABLE_PIPELINES
+from fastgen.techniques.seam import Control, Flag, Technique
 
 if TYPE_CHECKING:
     from fastgen.models.registry import ModelSpec
     from fastgen.request import GenerationRequest
 
-# Pipelines whose denoiser takes LoRA adapters through diffusers' hot-swap (tested: Stable Diffusion and Wan).
-LORA_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline", "WanPipeline"})
+__all__ = ["LORA_PIPELINES", "SPLITTABLE_PIPELINES", "TECHNIQUES", "Control", "Flag", "Technique"]
 
-# Pipelines whose denoiser fastgen.parallel splits (UNets by row strips, PixArt and Wan DiTs by token chunks).
-# Not Flux or SD3 (joint text-image attention) nor AnimateDiff (temporal attention), which it would split wrongly.
-SPLITTABLE_PIPELINES = frozenset(
-    (
-        "StableDiffusionPipeline",
-        "StableDiffusionXLPipeline",
-        "PixArtAlphaPipeline",
-        "PixArtSigmaPipeline",
-        "WanPipeline",
-    )
-)
-
-
-@dataclass(frozen=True)
-class Control:
-    """How the web page offers a technique: a checkbox that sets ``accelerate.<name>`` to ``turned_on``."""
-
-    label: str
-    explanation: str
-    turned_on: Any = True
-
-
-@dataclass(frozen=True)
-class Technique:
-    """One technique's declaration.
-
-    ``option``: the request field that turns it on (``accelerate.<name>`` unless said otherwise). ``asked``: whether a
-    request turns it on. ``supported``: whether a model can take it, from the model's spec. ``conflicts``: the
-    techniques a request may not combine it with, each with the reason the door gives. ``acceleration``: listed
-    among a model's ``accelerations`` (LoRAs are listed on their own, as ``loras``).
-    """
-
-    name: str
-    asked: Callable[[GenerationRequest], bool]
-    supported: Callable[[ModelSpec], bool]
-    conflicts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    option: str = ""
-    acceleration: bool = True
-    control: Control | None = None
-
-    @property
-    def request_field(self) -> str:
-        return self.option or f"accelerate.{self.name}"
-
-
-TECHNIQUES: tuple[Technique, ...] = (
-    Technique(
-        "cache",
-        asked=lambda r: r.accelerate.cache.enabled,
-        supported=lambda spec: "cache" in spec.accelerations,
-        control=Control(
-            "Approximate cache",
-            "Start from a similar earlier prompt's half-finished image and skip its first steps: faster, approximate.",
-            {"enabled": True},
-        ),
-    ),
-    Technique(
-        "loras",
-        asked=lambda r: bool(r.loras),
-        supported=lambda spec: spec.pipeline_class in LORA_PIPELINES,
-        option="loras",
-        acceleration=False,
-    ),
-    Technique(
-        "fuse_qkv",
-        asked=lambda r: r.accelerate.fuse_qkv,
-        supported=lambda spec: "fuse_qkv" in spec.accelerations,
-        # The fused projection is built from the base weights alone.
-        conflicts=MappingProxyType({"loras": "cannot be combined with loras: it would bypass them"}),
-        control=Control(
-            "Fused Q/K/V projections",
-            "One matmul instead of three for each attention's query, key and value: the same image up to rounding.",
-        ),
-    ),
-    Technique(
-        "sparse_attention",
-        asked=lambda r: r.accelerate.sparse_attention.asked,
-        supported=lambda spec: bool(spec.sparse_attention_modes),
-        control=Control(
-            "Sparse attention",
-            "Each query attends to a window of nearby tokens (about 3%), rescaled to stay close to dense: DiTs only.",
-            {"mode": "window"},
-        ),
-    ),
-    # Composes with sparse attention only where it keeps each sequence whole (a CFG split, or a UNet's row strips):
-    # a rule of the worker's device layout, decided there (fastgen.parallel.layout), since it depends on the group.
-    Technique(
-        "parallel",
-        asked=lambda r: r.accelerate.parallel.asked,
-        supported=lambda spec: spec.pipeline_class in SPLITTABLE_PIPELINES,
-    ),
+TECHNIQUES: tuple[Technique, ...] = tuple(
+    module.TECHNIQUE for module in (cache, loras, fuse_qkv, sparse_attention, parallel)
 )
 
 
