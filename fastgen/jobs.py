@@ -35,6 +35,10 @@ REDIS_CONNECT_TIMEOUT_S = 2
 REDIS_TIMEOUT_S = 3
 SQLITE_BUSY_S = 5  # how long a write waits for another process's lock on the embedded store
 LEASE_S = 5.0  # a running job's worker renews its lease every second; one not renewed this long has stopped
+# Not renewed this long, its worker is gone (dead, or cut off from the store): Redis's broker hands the job out again
+# at once (fastgen.workers.transport) instead of after the visibility timeout. Twice the lease: a slow renewal or a
+# short store blip never makes a live job run twice.
+HELD_S = 2 * LEASE_S
 
 
 class StoreUnavailable(Exception):
@@ -117,6 +121,21 @@ def bucket_index(seconds: float) -> int:
     return bisect.bisect_left(LATENCY_BUCKETS, seconds)
 
 
+def lost_jobs(client, job_ids: list[str], prefix: str = "fastgen") -> set[str]:
+    """Those of ``job_ids`` that a worker took, has not held for :data:`HELD_S` and that have not ended: their worker
+    is gone. ``client``: a redis-py client on the store's database (the broker's, which is the same)."""
+    pipe = client.pipeline()
+    for job_id in job_ids:
+        pipe.hmget(f"{prefix}:job:{job_id}", "leased", "state")
+        pipe.exists(f"{prefix}:held:{job_id}")
+    answers = pipe.execute()
+    return {
+        job_id
+        for job_id, (leased, state), held in zip(job_ids, answers[::2], answers[1::2], strict=True)
+        if leased and not state and not held
+    }
+
+
 class RedisJobStore:
     """Job records as Redis hashes; queued/running sets and counters kept up to date as jobs move."""
 
@@ -179,6 +198,7 @@ class RedisJobStore:
             # "leased": this job has had a lease, so a missing lease key means it lapsed (not "never taken").
             pipe.hset(self._key("job", job_id), "leased", 1)
             pipe.set(self._key("lease", job_id), 1, px=int(lease_s * 1000))
+            pipe.set(self._key("held", job_id), 1, px=int(lease_s * HELD_S / LEASE_S * 1000))
             if job is not None:
                 pipe.smove(self._key("queued", job.queue), self._key("running"), job_id)
             return pipe.execute()[0]
@@ -186,13 +206,16 @@ class RedisJobStore:
     def heartbeat(self, job_id: str, lease_s: float = LEASE_S) -> None:
         # The lease is a key with a time to live, kept by Redis's clock: worker and API clocks need not agree.
         with self._reachable():
-            self.redis.set(self._key("lease", job_id), 1, px=int(lease_s * 1000))
+            pipe = self.redis.pipeline()
+            pipe.set(self._key("lease", job_id), 1, px=int(lease_s * 1000))
+            pipe.set(self._key("held", job_id), 1, px=int(lease_s * HELD_S / LEASE_S * 1000))
+            pipe.execute()
 
     def requeued(self, job_id: str) -> None:
         job = self.get(job_id)
         with self._reachable():
             pipe = self.redis.pipeline()
-            pipe.delete(self._key("lease", job_id))
+            pipe.delete(self._key("lease", job_id), self._key("held", job_id))
             if job is not None:
                 pipe.smove(self._key("running"), self._key("queued", job.queue), job_id)
             pipe.execute()

@@ -21,7 +21,7 @@ import pytest
 import redis
 from services import Api, service_env, wait_until, worker
 
-from fastgen.jobs import LEASE_S, JobRecord, RedisJobStore, SqliteJobStore
+from fastgen.jobs import HELD_S, LEASE_S, JobRecord, RedisJobStore, SqliteJobStore, lost_jobs
 
 pytestmark = pytest.mark.timeout(300)
 FINAL = ("succeeded", "failed", "cancelled")
@@ -114,7 +114,7 @@ def test_a_job_whose_whole_worker_died_reads_queued_and_can_be_cancelled(on_redi
     with on_redis.api.client() as client:
         job = client.submit(long_job(steps=100))["id"]
         wait_until(lambda: running_at_step(client, job, 2), 120, "the job to run")
-        on_redis.worker.kill()  # the whole worker: Redis hands the job out again only after the visibility timeout
+        on_redis.worker.kill()  # the whole worker, and no other: nobody can take the job until one starts
         killed_at = time.monotonic()
         try:
             status = wait_until(lambda: queued(client.status(job)), LEASE_S + 5, "the job to read queued")
@@ -125,6 +125,33 @@ def test_a_job_whose_whole_worker_died_reads_queued_and_can_be_cancelled(on_redi
             assert client.status(job)["status"] == "cancelled"
         finally:
             on_redis.worker = worker(on_redis.env, on_redis.worker.log_path)
+
+
+def test_a_job_whose_whole_worker_died_runs_again_at_the_front_within_seconds_of_a_worker(on_redis):
+    """Not after Redis's visibility timeout (the job timeout plus 30 s): once the dead worker's hold has run out
+    (HELD_S), a live worker's sweep hands the job back in front of the jobs submitted after it. (A worker that starts
+    sooner than that may take a later job first; the lost one then runs next.)"""
+    with on_redis.api.client() as client:
+        job = client.submit(long_job(steps=60))["id"]
+        wait_until(lambda: running_at_step(client, job, 2), 120, "the job to run")
+        on_redis.worker.kill()
+        killed_at = time.monotonic()
+        later = client.submit(quick())["id"]
+        store = redis.Redis.from_url(on_redis.env["FASTGEN_BROKER_URL"])
+        wait_until(lambda: lost_jobs(store, [job]), HELD_S + 5, "the dead worker's hold to run out")
+        on_redis.worker = worker(on_redis.env, on_redis.worker.log_path)
+        seen = []  # (seconds since the kill, the job's status, the later job's status)
+        while not (seen and all(s["status"] in FINAL for s in seen[-1][1:])):
+            assert time.monotonic() - killed_at < 120, seen[-1]
+            seen.append((time.monotonic() - killed_at, client.status(job), client.status(later)))
+            time.sleep(0.05)
+    restarted = next(i for i, (_, a, _) in enumerate(seen) if a["attempts"] == 2)
+    visibility_timeout = 60 + 30  # FASTGEN_JOB_TIMEOUT_S=60 here
+    assert seen[restarted][0] < visibility_timeout - 30, seen[restarted]
+    assert all(b["status"] == "queued" for _, _, b in seen[: restarted + 1]), "the later job ran first"
+    assert seen[-1][1]["status"] == seen[-1][2]["status"] == "succeeded", seen[-1]
+    assert seen[-1][1]["attempts"] == 2 and seen[-1][2]["attempts"] == 1
+    assert f"job {job}: its worker stopped holding it; handed back to its queue" in on_redis.worker.log()
 
 
 def test_a_job_cancelled_while_queued_never_starts(on_redis):
@@ -213,3 +240,21 @@ def test_a_store_file_from_before_leases_gets_the_column(tmp_path):
     assert store.get("old") == JobRecord("old", "bob", "m", "q", 1.0)
     assert store.started("old", lease_s=30) == 1 and not store.get("old").lease_lapsed
     SqliteJobStore(path)  # opening it again finds the column there
+
+
+def test_a_job_is_lost_only_once_its_hold_runs_out_and_never_once_it_ended(redis_url):
+    store = RedisJobStore(own_database(redis_url, 6), prefix=f"test-{uuid.uuid4().hex}")
+    taken, waiting = (JobRecord(uuid.uuid4().hex, "alice", "tiny-sd", "fastgen.tiny-sd", time.time()) for _ in "ab")
+    store.add(taken)
+    store.add(waiting)
+    store.started(taken.id, lease_s=0.25)  # held for twice that
+    assert lost_jobs(store.redis, [taken.id, waiting.id], store.prefix) == set()
+    time.sleep(0.3)  # the lease lapsed (it reads queued) but the hold has not run out yet
+    assert store.get(taken.id).lease_lapsed and lost_jobs(store.redis, [taken.id], store.prefix) == set()
+    wait_until(lambda: lost_jobs(store.redis, [taken.id], store.prefix), 5, "the hold to run out")
+    store.heartbeat(taken.id, lease_s=30)  # a worker that renews again holds it again
+    assert lost_jobs(store.redis, [taken.id], store.prefix) == set()
+    store.heartbeat(taken.id, lease_s=0.05)
+    time.sleep(0.2)
+    store.finished(taken.id, "succeeded")
+    assert lost_jobs(store.redis, [taken.id, waiting.id], store.prefix) == set()  # ended, or never taken

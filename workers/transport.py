@@ -4,24 +4,77 @@ Celery rejects a job with ``requeue=True`` when its pool process died under it (
 a worker group broke: the job was first in line and has waited once already, so it must run before jobs submitted
 after it. Stock kombu puts it last: its Redis transport consumes with BRPOP (the oldest message at the right) but
 restores a rejected message with LPUSH, and its filesystem transport writes it as a new file, named by the clock,
-which sorts after every waiting one. (Redis's visibility-timeout restore of a dead whole worker pushes at the
-front already.) Celery is given these classes through ``broker_transport`` (see ``fastgen.workers.app``).
+which sorts after every waiting one. Celery is given these classes through ``broker_transport`` (see
+``fastgen.workers.app``).
+
+A whole worker that died (killed, its machine gone) cannot reject anything: Redis's transport keeps what it held
+and hands it back only after the visibility timeout, longer than the longest allowed job. Here a live worker's
+sweep also hands back, at the front, every held job whose worker stopped renewing its hold in the job store
+(``fastgen.jobs.lost_jobs``, :data:`~fastgen.jobs.HELD_S`), within seconds of the death.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
-from time import monotonic
+from time import monotonic, time
 
 from kombu.transport import filesystem, redis
-from kombu.utils.json import dumps
+from kombu.transport.redis import Mutex, MutexHeld
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+from fastgen.jobs import HELD_S, lost_jobs
+
+logger = logging.getLogger(__name__)
 
 
 class RedisQoS(redis.QoS):
     def restore_by_tag(self, tag, client=None, leftmost=False):
         # Only reject(requeue=True) asks for leftmost (LPUSH: the back of a BRPOP queue); every restore goes in front.
         super().restore_by_tag(tag, client, leftmost=False)
+
+    def restore_visible(self, start=0, num=10, interval=10):
+        super().restore_visible(start, num, interval)
+        try:
+            self.restore_lost(num)
+        except Exception as exc:  # the broker's own sweep and the consumer go on; the next sweep tries again
+            # Once at WARNING: a sweep runs every second.
+            level = logging.DEBUG if getattr(self, "_sweep_failed", False) else logging.WARNING
+            self._sweep_failed = True
+            logger.log(level, "could not look for jobs whose worker is gone: %s", exc)
+
+    def restore_lost(self, num: int | None = 10) -> None:
+        """Hand back at once the held jobs whose worker is gone (its hold in the job store ran out)."""
+        with self.channel.conn_or_acquire() as client:
+            # Held at least HELD_S: a job just taken has had time to take its hold (the worker does so first).
+            limit = {"offset": 0, "num": num} if num else {}
+            tags = client.zrange(self.unacked_index_key, time() - HELD_S, 0, desc=True, byscore=True, **limit)
+            jobs = {}
+            for tag, raw in zip(tags, client.hmget(self.unacked_key, tags) if tags else [], strict=True):
+                job_id = _job_id(raw)
+                if job_id:
+                    jobs[job_id] = tag
+            lost = lost_jobs(client, list(jobs)) if jobs else set()
+            if not lost:
+                return
+            try:
+                with Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                    for job_id in lost:
+                        logger.warning("job %s: its worker stopped holding it; handed back to its queue", job_id)
+                        self.restore_by_tag(jobs[job_id], client)
+            except MutexHeld:  # another worker is restoring; the next sweep looks again
+                pass
+
+
+def _job_id(raw: bytes | None) -> str | None:
+    """The job (Celery task) id of a held message, or None for a message that is not a fastgen job's."""
+    try:
+        message = loads(bytes_to_str(raw))[0]
+        return message["headers"]["id"]
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
 
 
 class RedisChannel(redis.Channel):
