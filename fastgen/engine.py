@@ -242,6 +242,29 @@ class Engine:
         spec, request = self.prepare(request)
         adapters = self.adapters(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        return self.run_resolved(
+            spec, request, seed, adapters, on_step, cancel, result_id, tenant, decode, embedded, started
+        )
+
+    def run_resolved(
+        self,
+        spec: ModelSpec,
+        request: GenerationRequest,
+        seed: int,
+        adapters: list[tuple[LoraInfo, float]],
+        on_step: StepCallback | None = None,
+        cancel: CancelFlag | None = None,
+        result_id: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+        decode: bool = True,
+        embedded: PromptEmbedding | None = None,
+        started: float | None = None,
+    ) -> Generation:
+        """``run`` for a request already resolved: validated and completed (``prepare``), its seed and LoRAs fixed.
+
+        Nothing is validated or decided again: the ranks of a multi-device worker run rank 0's plan this way.
+        """
+        started = time.perf_counter() if started is None else started
         loaded, load_s = self.pool.get(spec)
         monitor = StepMonitor(request.steps, on_step, cancel)
         monitor.check_cancel()

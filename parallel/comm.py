@@ -58,11 +58,11 @@ class NeighbourSwap:
         self.next = dist.get_global_rank(group, rank + 1) if rank < size - 1 else None
 
     def launch(self, send: list[torch.Tensor], recv: list[torch.Tensor]):
+        # On this group (peers are global ranks), so the exchanges wait at most as long as its timeout allows.
         ops = []
-        if self.previous is not None:
-            ops += [dist.P2POp(dist.isend, send[0], self.previous), dist.P2POp(dist.irecv, recv[0], self.previous)]
-        if self.next is not None:
-            ops += [dist.P2POp(dist.isend, send[1], self.next), dist.P2POp(dist.irecv, recv[1], self.next)]
+        for peer, out, into in ((self.previous, send[0], recv[0]), (self.next, send[1], recv[1])):
+            if peer is not None:
+                ops += [dist.P2POp(dist.isend, out, peer, self.group), dist.P2POp(dist.irecv, into, peer, self.group)]
         return _AllWork(dist.batch_isend_irecv(ops) if ops else [])
 
     def received_bytes(self, row_bytes: int) -> int:

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -42,21 +43,24 @@ class ParallelGroups:
         return self.config.cfg_index(self.rank)
 
     @classmethod
-    def build(cls, config: ParallelConfig) -> ParallelGroups:
-        """Split the initialised default group; collective: every rank calls it with the same config."""
+    def build(cls, config: ParallelConfig, timeout: timedelta | None = None) -> ParallelGroups:
+        """Split the initialised default group; collective: every rank calls it with the same config.
+
+        ``timeout``: how long any collective on these groups may wait (default: torch's, 30 min on gloo).
+        """
         config.check_world(dist.get_world_size())
         rank = dist.get_rank()
         patch_sets = [[c * config.patch + p for p in range(config.patch)] for c in range(config.cfg)]
         cfg_sets = [[c * config.patch + p for c in range(config.cfg)] for p in range(config.patch)]
-        patch_group, cfg_group = _own_group(patch_sets, rank), _own_group(cfg_sets, rank)
-        return cls(config, rank, patch_group, cfg_group, _own_group(patch_sets, rank))
+        patch_group, cfg_group = _own_group(patch_sets, rank, timeout), _own_group(cfg_sets, rank, timeout)
+        return cls(config, rank, patch_group, cfg_group, _own_group(patch_sets, rank, timeout))
 
 
-def _own_group(rank_sets: list[list[int]], rank: int):
+def _own_group(rank_sets: list[list[int]], rank: int, timeout: timedelta | None = None):
     """new_group is collective over the whole world, so every rank creates every subgroup, in the same order."""
     own = None
     for ranks in rank_sets:
-        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
         if rank in ranks:
             own = group
     return own

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -69,13 +70,13 @@ class RankLayouts:
     groups: dict[tuple[int, int], ParallelGroups]
 
     @classmethod
-    def build(cls, world_size: int) -> RankLayouts:
-        """Collective: every rank calls it once, at start."""
+    def build(cls, world_size: int, timeout: timedelta | None = None) -> RankLayouts:
+        """Collective: every rank calls it once, at start. ``timeout`` bounds every collective of every layout."""
         layouts = {}
         for cfg in (1, 2):
             if world_size % cfg == 0:
                 config = ParallelConfig(patch=world_size // cfg, cfg=cfg)
-                layouts[(config.patch, cfg)] = ParallelGroups.build(config)
+                layouts[(config.patch, cfg)] = ParallelGroups.build(config, timeout)
         return cls(world_size, layouts)
 
     def choose(self, want: ParallelRequest, pipe) -> tuple[ParallelGroups | None, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +58,75 @@ def compare_modes(
         result["runs"][name] = {"images": images, "report": handle.report()}
     result["after"] = generate(pipe, call)
     return result
+
+
+def group_jobs(rank: int, world_size: int, settings, jobs: list[dict], lora_dirs: list | None = None) -> dict:
+    """A multi-device worker's ranks without Celery: rank 0 leads ``jobs`` one after another, the others follow.
+
+    ``lora_dirs``: each rank's own LoRA library. Rank 0 returns each job's outcome (its plan, and its image and
+    reports or its error); the others return the plans they ran. Pickled here: a plan's cache hit holds tensors,
+    which a queue would share through this process, gone by the time they are read.
+    """
+    import dataclasses
+
+    from fastgen.workers.group import RankGroup, follow, rank_engine
+
+    if lora_dirs:
+        settings = dataclasses.replace(settings, lora_dir=lora_dirs[rank])
+    group = RankGroup.create(rank, world_size, settings.job_timeout_s)
+    engine = rank_engine(settings, ["tiny-sd"], group)
+    if rank:
+        return pickle.dumps({"plans": follow(engine, group)})
+    outcomes = [_lead(engine, group, payload, f"job-{i}") for i, payload in enumerate(jobs)]
+    if not group.broken:
+        group.release()
+    return pickle.dumps({"outcomes": outcomes})
+
+
+def _lead(engine, group, payload: dict, job_id: str) -> dict:
+    from fastgen.workers.group import lead
+
+    outcome: dict = {"plan": None, "image": None, "reports": None, "error": None}
+    try:
+        generation = lead(engine, group, payload, job_id, tenant="tests")
+        outcome |= {"image": np.asarray(generation.images[0]), "reports": generation.result.accelerations}
+    except Exception as exc:
+        outcome["error"] = (type(exc).__name__, str(exc))
+    outcome["ended_at"] = time.monotonic()  # CLOCK_MONOTONIC: comparable between the ranks' processes
+    if group.plan is not None and group.plan.job_id == job_id:
+        outcome["plan"] = group.plan
+    return outcome
+
+
+def hanging_helper(rank: int, world_size: int, port: int, settings, job: dict, hang_s: float, results) -> None:
+    """Rank 0 leads ``job``; rank 1 hangs ``hang_s`` in its third UNet call. Each puts what it saw on ``results``.
+
+    Run by hand (not by ``run_ranks``): rank 1 is expected to end with a non-zero status, as in a real worker.
+    """
+    import torch.distributed as dist
+
+    from fastgen.parallel.groups import init_rank
+    from fastgen.workers.group import RankGroup, follow, rank_engine
+
+    init_rank(rank, world_size, port)
+    group = RankGroup.create(rank, world_size, settings.job_timeout_s)
+    engine = rank_engine(settings, ["tiny-sd"], group)
+    if rank == 0:
+        results.put((0, _lead(engine, group, job, "hung-job")))
+        if not group.broken:
+            group.release()
+            dist.destroy_process_group()
+        return
+    unet = engine.pool.get(engine.registry.resolve("tiny-sd"))[0].pipe.unet
+    forward, calls = unet.forward, []
+
+    def hang_on_the_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            results.put((rank, {"hung_at": time.monotonic()}))
+            time.sleep(hang_s)
+        return forward(*args, **kwargs)
+
+    unet.forward = hang_on_the_third_call
+    follow(engine, group)
+    results.put((rank, {"hung_at": None}))  # not reached when the group broke: follow ends the process

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import pickle
+import queue
 import re
 import signal
 import subprocess
@@ -12,10 +15,17 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+import parallel_ranks
 import pytest
 import redis
+import torch
+import torch.multiprocessing as mp
 from PIL import Image
 from services import Api, Process, service_env, wait_until, worker
+
+from fastgen.lora.synthetic import random_lora, write_lora
+from fastgen.parallel.groups import free_port, run_ranks
+from fastgen.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -174,3 +184,140 @@ def test_a_multi_device_worker_runs_one_job_at_a_time(tmp_path):
         timeout=120,
     )
     assert run.returncode == 2 and "--concurrency: a multi-device worker" in run.stderr, run.stderr
+
+
+def rank_settings(settings: Settings, data_dir, **fields) -> Settings:
+    """Settings for ranks started by hand: their own data directory, the session's built models."""
+    return Settings(data_dir=data_dir, model_dir=settings.model_dir, device="cpu", **fields)
+
+
+def test_helper_ranks_run_rank_0s_plan_and_refuse_a_lora_file_they_do_not_hold(settings, engine, tmp_path):
+    unet = engine.pool.get(engine.registry.resolve("tiny-sd"))[0].pipe.unet  # also builds tiny-sd for the ranks
+    own, helpers = tmp_path / "rank-0-loras", tmp_path / "rank-1-loras"
+    for folder in (own, helpers):
+        write_lora(folder / "same.safetensors", random_lora(unet, 4, seed=1))
+    write_lora(own / "differs.safetensors", random_lora(unet, 4, seed=2))
+    write_lora(helpers / "differs.safetensors", random_lora(unet, 4, seed=3))  # a file of the same name, not the same
+    write_lora(own / "only-here.safetensors", random_lora(unet, 4, seed=4))
+    cached = {"cache": {"enabled": True}}
+    jobs = [
+        {"prompt": "a lighthouse at dusk", "model": "tiny-sd", "width": 64, "height": 64},  # seed, steps: rank 0's
+        job(steps=4, loras=[{"name": "same", "scale": 0.8}]),
+        job(steps=4, loras=[{"name": "differs"}]),
+        job(steps=4, loras=[{"name": "only-here"}]),
+        job(prompt="a harbour", seed=1, steps=6, accelerate=cached),
+        job(prompt="a harbour", seed=2, steps=6, accelerate=cached),  # a hit: rank 0's state travels in the plan
+        job(steps=4),
+    ]
+    ranks = run_ranks(
+        parallel_ranks.group_jobs, 2, rank_settings(settings, tmp_path / "data"), jobs, [own, helpers], timeout_s=240
+    )
+    outcomes, helper_plans = pickle.loads(ranks[0])["outcomes"], pickle.loads(ranks[1])["plans"]
+    plans = [outcome["plan"] for outcome in outcomes]
+    assert None not in plans and helper_plans == plans  # every job's plan reached the helper, exactly as resolved
+    errors = [outcome["error"] for outcome in outcomes]
+    assert errors[:2] == [None, None] and errors[4:] == [None, None, None], errors
+
+    first = plans[0]
+    assert first.request.seed == first.seed is not None and (first.request.steps, first.request.guidance) == (20, 7.5)
+    single = engine.run({**first.request.model_dump(mode="json"), "accelerate": {}})  # what rank 0 resolved, as is
+    assert np.abs(outcomes[0]["image"].astype(int) - np.asarray(single.images[0]).astype(int)).max() <= 1
+
+    checksum = hashlib.sha256((own / "same.safetensors").read_bytes()).hexdigest()
+    assert plans[1].loras == (("same", checksum, 0.8),)
+    assert next(r for r in outcomes[1]["reports"] if r.name == "loras").details
+
+    name, message = errors[2]
+    assert name == "PlanRefused", errors[2]
+    assert message.startswith("rank 1 cannot run this job's plan: loras[0]: its LoRA 'differs'"), message
+    assert "SHA-256" in message and "every rank needs the same file" in message
+    name, message = errors[3]
+    assert name == "PlanRefused" and message.startswith("rank 1 cannot run this job's plan: loras[0].name: unknown"), (
+        message
+    )
+
+    assert plans[4].cache is not None and plans[4].cache.entry is None  # a miss, stored by rank 0
+    assert plans[5].cache.entry is not None and plans[5].cache.skip > 0
+    assert torch.equal(helper_plans[5].cache.hit.state.latents, plans[5].cache.hit.state.latents)
+    hit = next(r for r in outcomes[5]["reports"] if r.name == "cache").details
+    assert hit["hit"] and hit["steps_saved"] == plans[5].cache.skip
+
+    last = engine.run(job(steps=4))  # the group served on after the refusals: the single-device image
+    assert np.abs(outcomes[6]["image"].astype(int) - np.asarray(last.images[0]).astype(int)).max() <= 1
+
+
+def test_a_helper_that_hangs_in_a_job_fails_the_job_within_the_collective_bound(settings, engine, tmp_path):
+    engine.pool.get(engine.registry.resolve("tiny-sd"))  # builds tiny-sd for the ranks
+    bound_s = 4
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    ranks = mp.start_processes(
+        parallel_ranks.hanging_helper,
+        args=(
+            2,
+            free_port(),
+            rank_settings(settings, tmp_path, job_timeout_s=bound_s),
+            job(steps=6),
+            3 * bound_s,
+            results,
+        ),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    seen: dict = {}
+    try:
+        while len(seen) < 2:
+            rank, what = results.get(timeout=180)
+            seen[rank] = what
+        helper = ranks.processes[1]
+        helper.join(timeout=60)  # its own collective fails once it wakes: it ends, for the supervisor to restart all
+        assert helper.exitcode not in (None, 0), helper.exitcode
+    except queue.Empty:
+        pytest.fail(f"the ranks reported only {seen}")
+    finally:
+        for process in ranks.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+    outcome, hung_at = seen[0], seen[1]["hung_at"]
+    assert outcome["error"] == (
+        "GroupTimedOut",
+        f"a rank of the worker group did not answer within {bound_s}s (FASTGEN_JOB_TIMEOUT_S): it hung; the group"
+        " restarts",
+    ), outcome["error"]
+    assert hung_at is not None and bound_s - 1 < outcome["ended_at"] - hung_at < bound_s + 10
+
+
+def test_a_hung_rank_fails_its_job_within_the_bound_and_the_group_stops_to_be_restarted(redis_url, tmp_path):
+    """A rank that stops answering (SIGSTOP: alive, silent) fails the job it is in, not hangs it; the worker exits."""
+    base, _, _ = redis_url.rpartition("/")  # a database of its own: the module's group does not take these jobs
+    env = service_env(tmp_path, broker_url=f"{base}/5", job_timeout_s="20", cache_default="false")
+    group = group_worker(env, tmp_path / "group.log", models="tiny-sd")
+    api = Api(env, tmp_path / "api.log")
+    helper = rank_pid(group, 1)
+    try:
+        with api.client() as client:
+            running = client.submit(long_job())
+            wait_until(
+                lambda: (client.status(running["id"]).get("progress") or {}).get("step", 0) >= 2, 120, "running"
+            )
+            os.kill(helper, signal.SIGSTOP)
+            stopped = time.monotonic()
+            status = client.wait(running["id"], timeout_s=120)
+            assert status["status"] == "failed", status
+            assert status["error"] == (
+                "a rank of the worker group did not answer within 20s (FASTGEN_JOB_TIMEOUT_S): it hung; the group"
+                " restarts"
+            )
+            assert time.monotonic() - stopped < 20 + 15  # the bound, give or take a step and the store's update
+        assert group.process.wait(timeout=90) != 0, group.log()  # for its supervisor to start it again
+        assert "the group fell out of step in job" in group.log()
+    finally:
+        try:
+            os.kill(helper, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        api.stop()
+        group.stop()

@@ -2,18 +2,24 @@
 
 ``fastgen worker --devices N`` starts a supervisor and N rank processes in one torch.distributed group (NCCL on
 GPUs, one device per rank; gloo on CPU). Rank 0 is the Celery worker (solo pool: the group lives in its process).
-For each job it fixes the seed and hands the job to the other ranks over a control group; every rank then runs
-``Engine.run`` with the ``parallel`` accelerator bound to the group's layouts (``fastgen.parallel.layout``), so
-only the denoiser's work is split. Rank 0 publishes progress and stores the result.
+For each job rank 0 resolves one :class:`RunPlan` (the request with its model's defaults, the seed, the LoRAs with
+their files' SHA-256, the approximate cache's decision) and hands it to the other ranks, which run exactly that plan
+(``Engine.run_resolved``: nothing is validated, looked up or decided again) with the ``parallel`` accelerator bound
+to the group's layouts (``fastgen.parallel.layout``), so only the denoiser's work is split. Rank 0 publishes
+progress and stores the result.
 
-Everything every rank must agree on goes through the control group, from rank 0, at the same point of the run:
-the job, whether it was cancelled or ran past FASTGEN_JOB_TIMEOUT_S (asked after every step: the solo pool keeps
-no time limit), and the approximate cache's hit (its state is sent to the others, so no rank looks anything up by
-itself).
+The protocol (:class:`RankGroup`): rank 0 announces each job by number on the *idle* group, where the others wait
+between jobs for as long as it takes; everything inside a job goes over the *job* group and the layouts' groups,
+whose collectives wait at most FASTGEN_JOB_TIMEOUT_S. Per job, in this order, every message carrying the job's
+number: the plan; every rank's readiness (a rank that cannot run the plan, e.g. its own LoRA file is not the
+plan's, fails the job on every rank: ``PlanRefused``, and the group serves the next); then the after-step
+agreement, before the first step and after every step (``RankGroup.agree_after_step``: rank 0's verdict, cancelled
+or past the job's time limit, which the solo pool does not keep; every rank stops at the same step).
 
-Failure: when any rank dies the supervisor takes the whole group down and exits non-zero. A rank 0 whose
-collective fails hands its job back to the queue (Celery ``Reject(requeue=True)``) before exiting; a rank 0 that
-is killed leaves its job unacknowledged, and the broker redelivers it (acks late). Either way the job is not lost.
+Failure: a collective that fails (a rank died) or waits past its bound (a rank hung) leaves the group out of step:
+rank 0 hands the job back to the queue (Celery ``Reject(requeue=True)``), or fails it when a rank hung
+(``GroupTimedOut``), and stops; the supervisor takes the whole group down and exits non-zero, to be restarted.
+A rank 0 that is killed leaves its job unacknowledged, and the broker redelivers it (acks late).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -35,73 +43,199 @@ import torch.multiprocessing as mp
 
 from fastgen.accelerators import ACCELERATORS
 from fastgen.cache import open_cache
-from fastgen.cache.approximate import CacheRun, Lookup
+from fastgen.cache.approximate import ApproximateCache, CacheRun, Hit, Lookup
 from fastgen.cache.embedder import PromptEmbedding
 from fastgen.engine import CancelFlag, Engine, Generation, StepCallback
 from fastgen.errors import FastgenError
+from fastgen.jobs import DEFAULT_TENANT
+from fastgen.lora.library import LoraInfo, LoraLibrary
+from fastgen.models.registry import ModelSpec
 from fastgen.parallel import layout
 from fastgen.parallel.groups import free_port
+from fastgen.request import GenerationRequest
 from fastgen.settings import Settings
 from fastgen.workers.app import create_celery, soft_time_limit, start_worker
 from fastgen.workers.tasks import GroupBroken, WorkerContext, register_tasks, time_limit_message
 
 logger = logging.getLogger(__name__)
 
-IDLE_TIMEOUT = timedelta(days=3650)  # ranks wait on the control group for the next job as long as it takes
+IDLE_TIMEOUT = timedelta(days=3650)  # the other ranks wait on the idle group for the next job as long as it takes
 STOP_GRACE_S = 20.0  # after one rank ends, how long the others get to stop before they are killed
 
 
 @dataclass(frozen=True)
-class RankGroup:
-    """This rank's place in the worker's group, and the control group rank 0 speaks on."""
+class CacheDecision:
+    """The approximate cache's decision in a plan: a miss (``entry`` None), or a hit on ``entry`` that skips ``skip``
+    steps and starts from ``hit``'s stored state, which travels with the plan: no other rank looks anything up."""
 
-    rank: int
-    size: int
-    control: Any  # a gloo ProcessGroup spanning every rank
+    entry: int | None = None
+    skip: int = 0
+    hit: Hit | None = field(default=None, compare=False, repr=False)
 
-    def share(self, value: Any = None) -> Any:
-        """Rank 0's ``value``, on every rank (collective)."""
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        return box[0]
+    @classmethod
+    def of(cls, run: CacheRun | None) -> CacheDecision | None:
+        """None when the request does not use the cache."""
+        if run is None:
+            return None
+        return cls(run.hit.entry.id, run.hit.skip, run.hit) if run.hit else cls()
+
+    def for_helper(self, cache: ApproximateCache, pipe, plan: RunPlan) -> CacheRun:
+        """A helper rank's use of it: resume from the same state; capture and store nothing (rank 0 does)."""
+        return CacheRun(
+            cache, pipe, plan.model, None, plan.seed, Lookup("", "", np.zeros(0, np.float32), hit=self.hit)
+        )
 
 
 @dataclass(frozen=True)
-class GroupJob:
-    payload: dict
+class RunPlan:
+    """One job as rank 0 resolved it, which every rank runs as it is (pickled over the job group)."""
+
+    number: int  # the job's number in this group: every message of the job carries it
     job_id: str
     tenant: str
+    model: str  # the model's registry name
+    request: GenerationRequest  # validated, with the model's defaults filled and ``seed`` set
+    seed: int
+    loras: tuple[tuple[str, str, float], ...] = ()  # (name, SHA-256 of the file, scale): what every rank must load
+    cache: CacheDecision | None = None  # None: the request does not use the approximate cache
+
+
+class PlanRefused(FastgenError):
+    """A rank cannot run the plan rank 0 resolved (e.g. its LoRA file is not the plan's): failed on every rank."""
+
+
+class LoraMismatch(FastgenError):
+    """This rank's LoRA of a plan's name is another file than rank 0's (its SHA-256 differs)."""
 
 
 class JobTimedOut(FastgenError):
     """A group job past FASTGEN_JOB_TIMEOUT_S: stopped between steps on every rank, so the group stays in step."""
 
 
+class GroupTimedOut(FastgenError):
+    """A collective inside a job waited past its bound (a rank hung): the job fails and the group is restarted."""
+
+
+class OutOfStep(RuntimeError):
+    """The ranks disagree on which job or which step they are at: the group must be restarted."""
+
+
 GO_ON, CANCEL, TIME_UP = 0, 1, 2  # rank 0's verdict after each step
 
 
-class GroupCancel:
-    """Rank 0's verdict after each step, agreed by every rank at the same step (so all stop together).
+@dataclass
+class RankGroup:
+    """This rank's place in the worker's group and the two gloo groups rank 0 speaks on (see the module).
 
-    Cancelled (rank 0's ``local`` flag), or past ``deadline`` (monotonic; raises JobTimedOut with ``limit_message``
-    on every rank): rank 0 runs Celery's solo pool, which enforces no time limit, so the group keeps it here.
+    ``idle`` carries only the announcement of the next job (or of the end) and waits forever; ``job`` carries
+    everything inside a job, and none of its collectives waits longer than ``timeout_s``.
+    """
+
+    rank: int
+    size: int
+    idle: Any  # gloo ProcessGroups spanning every rank
+    job: Any
+    timeout_s: float
+    plan: RunPlan | None = None  # the job in progress (or the last one)
+    broken: bool = False  # a collective failed or timed out: the ranks are out of step until the group restarts
+
+    @classmethod
+    def create(cls, rank: int, size: int, timeout_s: float) -> RankGroup:
+        """Collective over the initialised default group: every rank calls it once, at start."""
+        ranks = list(range(size))
+        idle = dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT)
+        job = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=timeout_s))
+        return cls(rank, size, idle, job, timeout_s)
+
+    @property
+    def timeout(self) -> timedelta:
+        return timedelta(seconds=self.timeout_s)
+
+    def next_number(self) -> int:
+        return self.plan.number + 1 if self.plan else 1
+
+    def announce(self, plan: RunPlan) -> None:
+        """Rank 0: hand ``plan`` to the other ranks (its number on the idle group, then the plan on the job group)."""
+        self.plan = plan
+        _broadcast((plan.number, plan.job_id), self.idle)
+        _broadcast(plan, self.job)
+
+    def next_plan(self) -> RunPlan | None:
+        """Ranks 1..N-1: wait for rank 0's next plan; None when it announces there are no more jobs."""
+        announced = _broadcast(None, self.idle)
+        if announced is None:
+            return None
+        plan = _broadcast(None, self.job)
+        if (plan.number, plan.job_id) != tuple(announced):
+            raise OutOfStep(f"rank {self.rank} was announced job {announced}, then sent job {plan.number}")
+        self.plan = plan
+        return plan
+
+    def release(self) -> None:
+        """Rank 0: tell the other ranks there are no more jobs."""
+        _broadcast(None, self.idle)
+
+    def check_ready(self, plan: RunPlan, problem: str | None = None) -> None:
+        """Every rank says whether it can run ``plan`` (``problem``: why not); if any cannot, PlanRefused on all."""
+        answers: list = [None] * self.size
+        dist.all_gather_object(answers, (plan.number, problem), group=self.job)
+        if any(number != plan.number for number, _ in answers):
+            raise OutOfStep(f"the ranks are at jobs {[number for number, _ in answers]}, not all at {plan.number}")
+        refusals = [f"rank {rank} cannot run this job's plan: {why}" for rank, (_, why) in enumerate(answers) if why]
+        if refusals:
+            raise PlanRefused("; ".join(refusals))
+
+    def agree_after_step(self, plan: RunPlan, asked: int, verdict: int = GO_ON) -> int:
+        """The group's one per-step agreement (before the first step and after each): rank 0's ``verdict``.
+
+        ``asked``: how many times this job asked before; every rank sends (job, asked), so a rank at another job or
+        step makes every rank raise OutOfStep rather than take a verdict meant for another point of the run.
+        """
+        mine = torch.tensor([plan.number, asked, verdict], dtype=torch.int64)
+        rows = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(rows, mine, group=self.job)
+        where = [tuple(row[:2].tolist()) for row in rows]
+        if len(set(where)) > 1:
+            raise OutOfStep(f"the ranks are at (job, step) {where}")
+        return int(rows[0][2])
+
+
+def _broadcast(value: Any, group) -> Any:
+    """Rank 0's ``value``, on every rank of ``group`` (collective)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+class StepAgreement:
+    """The engine's cancel flag on every rank of a group job: each ask is one ``RankGroup.agree_after_step``.
+
+    Rank 0's verdict: cancelled (its ``local`` flag), or past ``deadline`` (monotonic; raises JobTimedOut with
+    ``limit_message`` on every rank): rank 0 runs Celery's solo pool, which enforces no time limit, so the group
+    keeps it here.
     """
 
     def __init__(
         self,
         group: RankGroup,
+        plan: RunPlan,
         local: CancelFlag | None = None,
         deadline: float | None = None,
         limit_message: str = "the job ran longer than its time limit",  # rank 0's is the one reported
     ):
-        self.group, self.local, self.deadline, self.limit_message = group, local, deadline, limit_message
+        self.group, self.plan, self.local = group, plan, local
+        self.deadline, self.limit_message = deadline, limit_message
+        self.asked = (
+            0  # how many times this job's flag was asked: the engine asks before the first step and after each
+        )
 
     def is_set(self) -> bool:
-        verdict = torch.tensor([self._verdict() if self.group.rank == 0 else GO_ON])
-        dist.broadcast(verdict, src=0, group=self.group.control)
-        if verdict.item() == TIME_UP:
+        mine = self._verdict() if self.group.rank == 0 else GO_ON
+        verdict = self.group.agree_after_step(self.plan, self.asked, mine)
+        self.asked += 1
+        if verdict == TIME_UP:
             raise JobTimedOut(self.limit_message)
-        return verdict.item() == CANCEL
+        return verdict == CANCEL
 
     def _verdict(self) -> int:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -109,24 +243,185 @@ class GroupCancel:
         return CANCEL if self.local is not None and self.local.is_set() else GO_ON
 
 
-class GroupCache:
-    """The approximate cache for a rank group: rank 0 looks up and stores; the others resume from its hit."""
+class PlannedCache:
+    """The engine's cache on every rank of a group: it looks nothing up; it gives the engine the plan's decision.
 
-    def __init__(self, cache, group: RankGroup):
-        self.cache, self.group = cache, group
+    ``cache`` is this rank's approximate cache: rank 0 looks up in it while it resolves a plan and stores what the
+    run captures; the others read only its policy."""
 
-    def begin(
-        self, pipe, model: str, request, seed: int, tenant: str, adapters: tuple = (), embedded=None
-    ) -> CacheRun | None:
-        if self.group.rank == 0:
-            run = self.cache.begin(pipe, model, request, seed, tenant, adapters, embedded)
-            self.group.share((run is not None, run.hit if run else None))
-            return run
-        used, hit = self.group.share()
-        if not used:
-            return None
-        # No request: this rank captures and stores nothing (rank 0 does); it only resumes from the same state.
-        return CacheRun(self.cache, pipe, model, None, seed, Lookup("", "", np.zeros(0, np.float32), hit=hit))
+    def __init__(self, cache: ApproximateCache):
+        self.cache = cache
+        self.planned: CacheRun | None = None
+
+    @contextmanager
+    def running(self, planned: CacheRun | None) -> Iterator[None]:
+        self.planned = planned
+        try:
+            yield
+        finally:
+            self.planned = None
+
+    def begin(self, pipe, model: str, request, seed: int, tenant: str, adapters=(), embedded=None) -> CacheRun | None:
+        return self.planned
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Rank 0's plan for a job and its own means to run it: the model, the LoRAs from its library, the cache's run."""
+
+    plan: RunPlan
+    spec: ModelSpec
+    adapters: list[tuple[LoraInfo, float]]
+    cached: CacheRun | None
+
+
+def resolve_plan(
+    engine: Engine,
+    number: int,
+    payload: dict,
+    job_id: str,
+    tenant: str = DEFAULT_TENANT,
+    embedded: PromptEmbedding | None = None,
+) -> Resolved:
+    """Rank 0: the job's plan, and what this rank runs it with (the cache is looked up here, once).
+
+    Raises what ``Engine.prepare`` and the library raise for a request that cannot run (nothing is announced then).
+    """
+    spec, request = engine.prepare(payload)
+    adapters = engine.adapters(request)
+    # Every rank must draw the same starting noise: rank 0 picks the seed a request leaves open.
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    request = request.model_copy(update={"seed": seed})
+    loras = tuple((info.name, info.sha256, scale) for info, scale in adapters)
+    cached = None
+    if engine.cache is not None:
+        pipe = engine.pool.get(spec)[0].pipe
+        cached = engine.cache.cache.begin(pipe, spec.name, request, seed, tenant, loras, embedded)
+    plan = RunPlan(number, job_id, tenant, spec.name, request, seed, loras, CacheDecision.of(cached))
+    return Resolved(plan, spec, adapters, cached)
+
+
+def held_adapters(library: LoraLibrary, plan: RunPlan) -> list[tuple[LoraInfo, float]]:
+    """The plan's LoRAs from this rank's library, each the very file rank 0 read; LoraError or LoraMismatch."""
+    held = []
+    for i, (name, sha256, scale) in enumerate(plan.loras):
+        info = library.get(name, f"loras[{i}]")
+        if info.sha256 != sha256:
+            raise LoraMismatch(
+                f"loras[{i}]: its LoRA {name!r} ({info.path}) has SHA-256 {info.sha256[:16]}, rank 0's has"
+                f" {sha256[:16]}; every rank needs the same file"
+            )
+        held.append((info, scale))
+    return held
+
+
+def lead(
+    engine: Engine,
+    group: RankGroup,
+    payload: dict,
+    job_id: str,
+    tenant: str = DEFAULT_TENANT,
+    on_step: StepCallback | None = None,
+    cancel: CancelFlag | None = None,
+    deadline: float | None = None,
+    limit_message: str = "the job ran longer than its time limit",
+    embedded: PromptEmbedding | None = None,
+) -> Generation:
+    """Rank 0's side of one job: resolve the plan, announce it, check every rank can run it, run it together.
+
+    FastgenError: the job failed the same way on every rank, and the group serves the next. GroupTimedOut (a rank
+    hung) or GroupBroken (a rank died): ``group.broken``, the group must be restarted.
+    """
+    if group.broken:
+        raise GroupBroken("the worker group is out of step since an earlier job")
+    started = time.perf_counter()
+    resolved = resolve_plan(engine, group.next_number(), payload, job_id, tenant, embedded)
+    plan = resolved.plan
+    try:
+        group.announce(plan)
+        group.check_ready(plan)
+        flag = StepAgreement(group, plan, cancel, deadline, limit_message)
+        with _planned(engine, resolved.cached):
+            return engine.run_resolved(
+                resolved.spec,
+                plan.request,
+                plan.seed,
+                resolved.adapters,
+                on_step,
+                flag,
+                job_id,
+                tenant,
+                started=started,
+            )
+    except FastgenError:
+        raise  # the same on every rank; the group is still in step
+    except Exception as exc:
+        group.broken = True
+        if not _timed_out(exc):
+            raise GroupBroken(f"{type(exc).__name__}: {exc}") from exc
+        logger.error("job %s: a collective timed out (%s)", job_id, exc)
+        raise GroupTimedOut(
+            f"a rank of the worker group did not answer within {group.timeout_s:g}s (FASTGEN_JOB_TIMEOUT_S): it hung;"
+            " the group restarts"
+        ) from exc
+
+
+def follow(engine: Engine, group: RankGroup) -> list[RunPlan]:
+    """Ranks 1..N-1: run every plan rank 0 announces, until it announces the end; the plans run, in order."""
+    ran = []
+    while (plan := group.next_plan()) is not None:
+        try:
+            run_plan(engine, group, plan)
+        except FastgenError:
+            pass  # the same on every rank: rank 0 reports it
+        except Exception:
+            group.broken = True
+            logger.exception("rank %d failed job %s: stopping the group", group.rank, plan.job_id)
+            os._exit(1)
+        ran.append(plan)
+    return ran
+
+
+def run_plan(engine: Engine, group: RankGroup, plan: RunPlan) -> Generation:
+    """A helper rank's side of one job: check it can run ``plan`` as it is, say so, and run it with rank 0."""
+    problem, spec, adapters, planned = None, None, [], None
+    try:
+        spec = engine.registry.resolve(plan.model)
+        adapters = held_adapters(engine.loras, plan)
+        if plan.cache is not None:
+            if engine.cache is None:
+                raise FastgenError("the plan resumes from the approximate cache, which this rank does not have")
+            planned = plan.cache.for_helper(engine.cache.cache, engine.pool.get(spec)[0].pipe, plan)
+    except FastgenError as exc:
+        problem = str(exc)
+    group.check_ready(plan, problem)
+    with _planned(engine, planned):
+        # Only rank 0's image is kept: the others stop at the latents rather than decode one to drop it.
+        flag = StepAgreement(group, plan)
+        return engine.run_resolved(
+            spec,
+            plan.request,
+            plan.seed,
+            adapters,
+            cancel=flag,
+            result_id=plan.job_id,
+            tenant=plan.tenant,
+            decode=False,
+        )
+
+
+@contextmanager
+def _planned(engine: Engine, planned: CacheRun | None) -> Iterator[None]:
+    if engine.cache is None:
+        yield
+        return
+    with engine.cache.running(planned):
+        yield
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A collective that waited past its bound (gloo: "Timed out waiting 20000ms for recv operation")."""
+    return isinstance(exc, TimeoutError) or "timed out" in str(exc).lower()
 
 
 def check_models(specs: list, devices: int) -> None:
@@ -187,47 +482,69 @@ def _rank_main(rank: int, settings: Settings, models: list[str], devices: int, p
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(name)s: %(message)s")
     try:
         _serve_rank(rank, settings, models, devices, port)
+    except SystemExit:
+        raise
     except BaseException:
         logger.exception("rank %d stopped", rank)
         raise
 
 
 def _serve_rank(rank: int, settings: Settings, models: list[str], devices: int, port: int) -> None:
-    group = _join(rank, devices, port, settings)
+    _join(rank, devices, port, settings)
     logger.info("rank %d of %d joined (pid %d)", rank, devices, os.getpid())
-    settings = _rank_settings(settings, rank, devices)
-    cache = open_cache(settings)
-    row = layout.accelerator(layout.RankLayouts.build(devices), settings.parallel_mode)
-    engine = Engine(settings, accelerators=ACCELERATORS + (row,), cache=GroupCache(cache, group) if cache else None)
-    for name in models:
-        engine.pool.get(engine.registry.resolve(name))
+    group = RankGroup.create(rank, devices, job_collective_timeout_s(settings))
+    engine = rank_engine(settings, models, group)
     if rank == 0:
         _serve_queue(settings, models, engine, group)
+        if group.broken:  # nobody to release: the supervisor stops the others, and the group is started again
+            logger.error("rank 0: the group fell out of step in job %s; stopping it", group.plan and group.plan.job_id)
+            raise SystemExit(1)
         _release(group)
     else:
-        _follow(engine, group)
+        follow(engine, group)
     dist.destroy_process_group()
+
+
+def job_collective_timeout_s(settings: Settings) -> float:
+    """How long any collective inside a job may wait for the other ranks: as long as a whole job may run."""
+    return float(settings.job_timeout_s)
+
+
+def rank_engine(settings: Settings, models: list[str], group: RankGroup) -> Engine:
+    """This rank's engine: the ``parallel`` row bound to the group's layouts (built here: collective), the cache
+    behind a PlannedCache, ``models`` loaded."""
+    settings = _rank_settings(settings, group.rank, group.size)
+    # Rank 0 opens the cache first: ranks creating one SQLite store at once would lock each other out.
+    cache = open_cache(settings) if group.rank == 0 else None
+    dist.barrier(group=group.idle)
+    cache = open_cache(settings) if group.rank else cache
+    layouts = layout.RankLayouts.build(group.size, group.timeout)
+    row = layout.accelerator(layouts, settings.parallel_mode)
+    engine = Engine(settings, accelerators=ACCELERATORS + (row,), cache=PlannedCache(cache) if cache else None)
+    for name in models:
+        engine.pool.get(engine.registry.resolve(name))
+    dist.barrier(group=group.idle)  # no job before every rank has loaded: a job's collectives wait only so long
+    return engine
 
 
 def _release(group: RankGroup) -> None:
     """Tell the other ranks there are no more jobs (after a broken group there may be nobody to tell)."""
     try:
-        group.share(None)
+        group.release()
     except Exception as exc:
         logger.warning("could not release the other ranks (%s): the supervisor stops them", exc)
 
 
-def _join(rank: int, devices: int, port: int, settings: Settings) -> RankGroup:
+def _join(rank: int, devices: int, port: int, settings: Settings) -> None:
     backend = "nccl" if settings.device != "cpu" and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    # A job's collectives may wait at most as long as a job may run; the control group waits for jobs forever.
+    # The default group only joins the ranks and builds the others (each with its own timeout); a minute more than
+    # a job, for ranks that start slowly.
     timeout = timedelta(seconds=settings.job_timeout_s + 60)
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=devices, timeout=timeout
     )
-    control = dist.new_group(list(range(devices)), backend="gloo", timeout=IDLE_TIMEOUT)
-    return RankGroup(rank, devices, control)
 
 
 def _rank_settings(settings: Settings, rank: int, devices: int) -> Settings:
@@ -243,19 +560,6 @@ def _rank_settings(settings: Settings, rank: int, devices: int) -> Settings:
     return dataclasses.replace(settings, device="cpu")
 
 
-def _follow(engine: Engine, group: RankGroup) -> None:
-    """Ranks 1..N-1: run every job rank 0 hands over, until it hands over None."""
-    while (job := group.share()) is not None:
-        try:
-            # Only rank 0's image is kept: the others stop at the latents rather than decode one to drop it.
-            engine.run(job.payload, cancel=GroupCancel(group), result_id=job.job_id, tenant=job.tenant, decode=False)
-        except FastgenError:
-            pass  # the same on every rank: rank 0 reports it
-        except Exception:
-            logger.exception("rank %d failed job %s: stopping the group", group.rank, job.job_id)
-            os._exit(1)
-
-
 def _serve_queue(settings: Settings, models: list[str], engine: Engine, group: RankGroup) -> None:
     app = create_celery(settings, models)
     context = GroupWorkerContext(settings, engine, group)
@@ -263,13 +567,8 @@ def _serve_queue(settings: Settings, models: list[str], engine: Engine, group: R
     start_worker(app, models, pool="solo", concurrency=1, name=f"fastgen-{group.size}x-{os.getpid()}")
 
 
-def _with_seed(payload: dict) -> dict:
-    """Every rank must draw the same starting noise: rank 0 picks the seed a request leaves open."""
-    return payload if payload.get("seed") is not None else {**payload, "seed": secrets.randbelow(2**31)}
-
-
 class GroupWorkerContext(WorkerContext):
-    """Rank 0's WorkerContext: the same stores, and an engine whose every run the whole group joins."""
+    """Rank 0's WorkerContext: the same stores, and an engine whose every run the whole group joins (``lead``)."""
 
     def __init__(self, settings: Settings, engine: Engine, group: RankGroup):
         super().__init__(settings)
@@ -285,16 +584,20 @@ class GroupWorkerContext(WorkerContext):
         tenant: str,
         embedded: PromptEmbedding | None = None,
     ) -> Generation:
-        payload = _with_seed(payload)
         deadline = time.monotonic() + soft_time_limit(self.settings.job_timeout_s)  # as the prefork soft limit
-        self.group.share(GroupJob(payload, result_id, tenant))
         try:
-            cancel = GroupCancel(self.group, cancel, deadline, time_limit_message(self.settings))
-            return self.engine.run(
-                payload, on_step=on_step, cancel=cancel, result_id=result_id, tenant=tenant, embedded=embedded
+            return lead(
+                self.engine,
+                self.group,
+                payload,
+                result_id,
+                tenant,
+                on_step,
+                cancel,
+                deadline,
+                time_limit_message(self.settings),
+                embedded,
             )
-        except FastgenError:
-            raise  # the same on every rank; the group is still in step
-        except Exception as exc:
-            os.kill(os.getpid(), signal.SIGTERM)  # stop taking jobs once this one is handed back
-            raise GroupBroken(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if self.group.broken:
+                os.kill(os.getpid(), signal.SIGTERM)  # stop taking jobs once this one is handed back or failed
