@@ -34,7 +34,7 @@ from fastgen.cache.index import IndexKind, VectorIndex
 from fastgen.cache.policy import CachePolicy
 from fastgen.cache.states import StateFiles
 from fastgen.cache.store import CacheStore, Entry, Event
-from fastgen.request import GenerationRequest
+from fastgen.schema import GenerationRequest
 
 logger = logging.getLogger(__name__)
 

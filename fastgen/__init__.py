@@ -5,7 +5,7 @@ docs/ARCHITECTURE.md for the map.
 """
 
 from fastgen.errors import Cancelled, FastgenError, InvalidRequest, ModelLoadError, UnknownModel
-from fastgen.request import GenerationRequest, GenerationResult, parse_request
+from fastgen.schema import GenerationRequest, GenerationResult, parse_request
 from fastgen.settings import Limits, Settings
 
 __all__ = [

@@ -29,7 +29,7 @@ from fastgen.artifacts import ArtifactGone, ArtifactStore
 from fastgen.errors import FastgenError, InvalidRequest
 from fastgen.jobs import DEFAULT_TENANT, redis_fault
 from fastgen.metrics import render_metrics
-from fastgen.request import request_schema
+from fastgen.schema import request_schema
 from fastgen.settings import Settings
 from fastgen.workers.queue import JobNotFound, JobQueue, JobStatus, QueueUnavailable
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, request_schema
+from fastgen.schema import IMAGE_FORMATS, VIDEO_FORMATS, request_schema
 from fastgen.settings import Limits
 
 BODY_PREFIX = "Body"  # request-body components, apart from the (limit-free) response models FastAPI emits

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from fastgen.errors import FastgenError
-from fastgen.request import Artifact, GenerationResult
+from fastgen.schema import Artifact, GenerationResult
 
 if TYPE_CHECKING:  # the API reads artifacts without the engine (and torch)
     from fastgen.engine import Generation

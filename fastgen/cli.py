@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 from fastgen import techniques
 from fastgen.errors import FastgenError, FieldError, InvalidRequest
-from fastgen.request import IMAGE_FORMATS, VIDEO_FORMATS, GenerationResult, parse_request
+from fastgen.schema import IMAGE_FORMATS, VIDEO_FORMATS, GenerationResult, parse_request
 from fastgen.settings import Settings
 from fastgen.techniques.seam import Flag, Technique
 
@@ -345,7 +345,7 @@ def list_loras(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def print_schema(args: argparse.Namespace, settings: Settings) -> int:
-    from fastgen.request import request_schema
+    from fastgen.schema import request_schema
 
     print(json.dumps(request_schema(settings.limits), indent=2))
     return 0

@@ -14,7 +14,7 @@ holds for a DiT request with sparse attention that would be split by tokens: the
 sequence, and the token split's processors would replace them (a CFG split keeps it whole and is fine).
 
 The worker adds :func:`accelerator` to its engine's accelerator table; the engine attaches and removes it like any
-other technique. The patch methods are in :mod:`fastgen.parallel.denoiser` (DistriFusion, Li et al., CVPR 2024,
+other technique. The patch methods are in :mod:`fastgen.parallel.unet` (DistriFusion, Li et al., CVPR 2024,
 arXiv:2402.19481; PCPP, Zhang et al., arXiv:2412.02962).
 """
 
@@ -28,10 +28,10 @@ from typing import Any
 
 from fastgen.accelerators import Accelerator
 from fastgen.errors import InvalidRequest
-from fastgen.parallel import denoiser, sequence
+from fastgen.parallel import sequence, unet
 from fastgen.parallel.config import ParallelConfig, PatchMode
 from fastgen.parallel.groups import ParallelGroups
-from fastgen.request import GenerationRequest
+from fastgen.schema import GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class RankLayouts:
 def split(pipe, groups: ParallelGroups, guidance_on: bool):
     """Attach the split the groups describe: UNets by row strips, DiTs by token chunks; a removable handle."""
     if is_unet(pipe):
-        return denoiser.apply(pipe, groups)
+        return unet.apply(pipe, groups)
     # A pipeline that calls the model once per guidance branch keeps stale state per branch.
     branches = 2 if guidance_on and not sequence.batches_guidance(pipe) else 1
     return sequence.apply(pipe, groups, branches)
@@ -129,7 +129,7 @@ def is_unet(pipe) -> bool:
 def _unsplittable(want: ParallelRequest, pipe, patch: int) -> str:
     """Why this size cannot be split ``patch`` ways ("" when it can)."""
     if is_unet(pipe):
-        rows, multiple = want.height // pipe.vae_scale_factor, 2 ** denoiser.denoiser_of(pipe).num_upsamplers
+        rows, multiple = want.height // pipe.vae_scale_factor, 2 ** unet.denoiser_of(pipe).num_upsamplers
         if rows % (patch * multiple) == 0:
             return ""
         return (

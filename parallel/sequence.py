@@ -33,10 +33,10 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from fastgen.attention.projections import rotary_argument, unfused_projections
 from fastgen.parallel.comm import all_gather_now
-from fastgen.parallel.denoiser import batch_half
 from fastgen.parallel.groups import ParallelGroups
 from fastgen.parallel.patch.attention import context_kv, self_attention_processors
 from fastgen.parallel.patch.context import PatchContext, Wrapped
+from fastgen.parallel.unet import batch_half
 
 # Pipelines that run the guidance branches as two model calls instead of one batch of two.
 SEPARATE_GUIDANCE_CALLS = ("WanPipeline",)

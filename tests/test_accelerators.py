@@ -9,7 +9,7 @@ from conftest import small
 
 from fastgen.accelerators import ACCELERATORS, Accelerator, accelerators, attach, fuse_qkv
 from fastgen.accelerators.fuse_qkv import FuseQKVConfig, apply, denoiser
-from fastgen.request import GenerationRequest
+from fastgen.schema import GenerationRequest
 from fastgen.techniques import TECHNIQUES, Technique
 
 

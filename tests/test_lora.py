@@ -15,7 +15,7 @@ from fastgen.engine import Engine
 from fastgen.errors import InvalidRequest
 from fastgen.lora.library import SHIPPED_DIR, LoraLibrary
 from fastgen.lora.synthetic import random_lora, write_lora
-from fastgen.request import GenerationRequest, parse_request
+from fastgen.schema import GenerationRequest, parse_request
 from fastgen.settings import Limits
 
 CAPTION = "a red circle at the top left on a blue background"

@@ -8,7 +8,7 @@ import pytest
 
 from fastgen.errors import InvalidRequest, UnknownModel
 from fastgen.models.registry import BUILTIN_SPECS, ModelRegistry, ModelSpec
-from fastgen.request import GenerationRequest
+from fastgen.schema import GenerationRequest
 
 
 def complete(model: str, **fields) -> GenerationRequest:

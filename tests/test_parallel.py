@@ -15,7 +15,7 @@ from fastgen.parallel.config import ParallelConfig
 from fastgen.parallel.groups import ParallelGroups, run_ranks
 from fastgen.parallel.layout import RankLayouts
 from fastgen.quality import psnr
-from fastgen.request import GenerationRequest
+from fastgen.schema import GenerationRequest
 
 SHAPES_CALL = {
     "prompt": [

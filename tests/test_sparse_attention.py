@@ -30,7 +30,7 @@ from fastgen.attention.projections import PROJECTIONS
 from fastgen.attention.reshape import mass_share, record, reshape
 from fastgen.errors import InvalidRequest
 from fastgen.models.registry import BUILTIN_SPECS, ModelSpec
-from fastgen.request import GenerationRequest
+from fastgen.schema import GenerationRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
 
@@ -302,7 +302,7 @@ def test_requests_the_model_cannot_serve_are_refused_naming_the_field(model, opt
     ],
 )
 def test_request_options_out_of_bounds_are_refused_naming_the_field(options, field, words):
-    from fastgen.request import parse_request
+    from fastgen.schema import parse_request
     from fastgen.settings import Limits
 
     with pytest.raises(InvalidRequest) as caught:

@@ -7,7 +7,7 @@ from fastgen import techniques
 from fastgen.cli import build_parser, request_from_args
 from fastgen.errors import InvalidRequest
 from fastgen.models.registry import ModelRegistry
-from fastgen.request import parse_request, request_model, request_schema
+from fastgen.schema import parse_request, request_model, request_schema
 from fastgen.settings import Limits
 from fastgen.strict import Strict
 from fastgen.techniques import TECHNIQUES, Control, Flag, Technique

@@ -52,7 +52,7 @@ from fastgen.lora.library import LoraInfo, LoraLibrary
 from fastgen.models.registry import ModelSpec
 from fastgen.parallel import layout
 from fastgen.parallel.groups import free_port
-from fastgen.request import GenerationRequest
+from fastgen.schema import GenerationRequest
 from fastgen.settings import Settings
 from fastgen.workers.app import create_celery, soft_time_limit, start_worker
 from fastgen.workers.tasks import GroupBroken, WorkerContext, register_tasks, time_limit_message

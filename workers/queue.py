@@ -25,7 +25,7 @@ from fastgen.errors import FastgenError, InvalidRequest
 from fastgen.jobs import FINAL_STATES, JobRecord, JobStore, StoreUnavailable, open_job_store, redis_fault
 from fastgen.lora.library import LoraLibrary
 from fastgen.models.registry import ModelRegistry
-from fastgen.request import GenerationRequest, GenerationResult, parse_request
+from fastgen.schema import GenerationRequest, GenerationResult, parse_request
 from fastgen.settings import Settings
 from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME, create_celery, queue_name
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from fastgen import techniques
-from fastgen.request import AccelerationReport, GenerationRequest
+from fastgen.schema import AccelerationReport, GenerationRequest
 from fastgen.techniques.seam import Technique
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fastgen.request import GenerationRequest
+from fastgen.schema import GenerationRequest
 
 FUSED_LAYERS = ("to_qkv", "to_kv", "to_added_qkv", "to_added_kv")
 _MISSING = object()

@@ -34,7 +34,7 @@ from fastgen.attention.kernels import FlexKernel, Kernel, ReferenceKernel
 from fastgen.attention.patterns import TokenLayout
 from fastgen.attention.processors import CallKind, SparseAttentionState, SparseSelfAttention
 from fastgen.attention.projections import PROJECTIONS
-from fastgen.request import GenerationRequest
+from fastgen.schema import GenerationRequest
 from fastgen.techniques.sparse_attention import SPARSE_ATTENTION_MODES
 
 logger = logging.getLogger(__name__)

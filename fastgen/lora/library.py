@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from safetensors import safe_open
 
 from fastgen.errors import FieldError, InvalidRequest
-from fastgen.request import LORA_NAME
+from fastgen.schema import LORA_NAME
 
 if TYPE_CHECKING:  # tensors are read lazily: the API only lists adapters and must not import torch
     import torch

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from fastgen import techniques
 from fastgen.errors import FieldError, InvalidRequest, ModelLoadError, UnknownModel
-from fastgen.request import (
+from fastgen.schema import (
     IMAGE_FORMATS,
     VIDEO_FORMATS,
     GenerationRequest,

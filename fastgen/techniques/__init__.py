@@ -3,7 +3,7 @@ take it, what it is refused with, its CLI flags and how the web page offers it.
 
 Each technique declares itself in one module here (``cache``, ``loras``, ``fuse_qkv``, ``sparse_attention``,
 ``parallel``: a :class:`~fastgen.techniques.seam.Technique` named ``TECHNIQUE``). The request's ``accelerate`` options
-(``fastgen.request``), the door (``ModelSpec.complete``), ``GET /v1/models`` (``ModelSpec.capabilities``), the web
+(``fastgen.schema``), the door (``ModelSpec.complete``), ``GET /v1/models`` (``ModelSpec.capabilities``), the web
 page's controls and the ``fastgen generate`` flags all read :data:`TECHNIQUES`, so the rules between techniques live
 here and nowhere else. The table's order is the order the engine applies them in: the cache decides the start step
 before LoRAs are switched on, and the accelerators that swap attention processors attach after both. Torch-free: the
@@ -24,7 +24,7 @@ from fastgen.techniques.seam import Control, Flag, Technique
 
 if TYPE_CHECKING:
     from fastgen.models.registry import ModelSpec
-    from fastgen.request import GenerationRequest
+    from fastgen.schema import GenerationRequest
 
 __all__ = ["LORA_PIPELINES", "SPLITTABLE_PIPELINES", "TECHNIQUES", "Control", "Flag", "Technique"]
 

@@ -1,6 +1,6 @@
 """Per-request LoRA adapters as a technique (SwiftDiffusion's hot-swapped adapters; ``fastgen.lora``).
 
-Their request field is the request's own ``loras`` list (``fastgen.request.LoraRef``), not one under ``accelerate``.
+Their request field is the request's own ``loras`` list (``fastgen.schema.LoraRef``), not one under ``accelerate``.
 """
 
 from __future__ import annotations

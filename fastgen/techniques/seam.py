@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastgen.models.registry import ModelSpec
-    from fastgen.request import GenerationRequest
+    from fastgen.schema import GenerationRequest
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""One denoiser call spread over a rank group: CFG branches across ranks, row strips across ranks.
+"""A UNet's call spread over a rank group: CFG branches across ranks, row strips across ranks (DiTs: ``sequence``).
 
 Every rank runs the same pipeline call with the same seed, so latents, schedulers and text embeddings are
 replicated; only the denoiser's forward is split. Its wrapper takes this rank's half of the batch (CFG

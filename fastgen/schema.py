@@ -1,4 +1,4 @@
-"""GenerationRequest and GenerationResult: the one schema REST, Celery, the CLI and the UI share.
+"""The schema every door shares (REST, Celery, the CLI, the UI): GenerationRequest and GenerationResult.
 
 Upper limits come from :class:`fastgen.settings.Limits`, passed in through :func:`parse_request`
 (pydantic's validation context), so an operator can change them without code. Every violation

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastgen.errors import InvalidRequest
-from fastgen.request import GenerationRequest, parse_request, request_schema
+from fastgen.schema import GenerationRequest, parse_request, request_schema
 from fastgen.settings import Limits, Settings
 
 LIMITS = Limits(

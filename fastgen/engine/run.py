@@ -1,0 +1,86 @@
+"""One pipeline call: the run the engine builds for it, the pipeline's own arguments, and what it gives back."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastgen.engine.monitor import StepMonitor, step_callback
+from fastgen.engine.pool import LoadedPipeline
+from fastgen.lora.library import LoraInfo
+from fastgen.models.registry import ModelSpec
+from fastgen.schema import GenerationRequest, GenerationResult, Timings
+
+if TYPE_CHECKING:
+    from fastgen.cache.embedder import PromptEmbedding
+
+
+@dataclass
+class Run:
+    """One pipeline call, built once by ``Engine.run``: the request with its model's defaults, the seed, the LoRAs
+    from the library, the tenant and prompt vector the cache looks up by, and the step monitor the techniques hook
+    into. One request per call today; request batching will make it hold several."""
+
+    loaded: LoadedPipeline
+    request: GenerationRequest
+    seed: int
+    tenant: str
+    monitor: StepMonitor
+    adapters: list[tuple[LoraInfo, float]]
+    decode: bool = True  # False: stop at the latents (the helper ranks of a multi-device worker)
+    embedded: PromptEmbedding | None = None
+
+
+@dataclass
+class Generation:
+    """A finished run: its metadata and its pixels (images, or the frames of one video)."""
+
+    result: GenerationResult
+    images: list[Image.Image] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)  # uint8 HxWx3, video models only
+
+
+def call_kwargs(pipe, spec: ModelSpec, request: GenerationRequest, seed: int, monitor: StepMonitor) -> dict:
+    """The pipeline's own call arguments for this request, keeping only those its ``__call__`` takes."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    wanted = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or None,
+        "width": request.width,
+        "height": request.height,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "num_frames": request.num_frames,
+        # A CPU generator makes the starting noise the same on every device.
+        "generator": torch.Generator("cpu").manual_seed(seed),
+        "output_type": "np" if spec.kind == "video" else "pil",
+        **step_callback(accepted, monitor, type(pipe).__name__),
+        **spec.call_kwargs,
+    }
+    return {name: value for name, value in wanted.items() if name in accepted and value is not None}
+
+
+def run_timings(started: float, load_s: float, monitor: StepMonitor, finished: float) -> Timings:
+    denoise_s = monitor.last_step_at - monitor.start
+    return Timings(
+        load_s=load_s,
+        denoise_s=denoise_s,
+        total_s=finished - started,
+        per_step_s=denoise_s / max(monitor.steps_done, 1),
+    )
+
+
+def generation_of(result: GenerationResult, spec: ModelSpec, output) -> Generation:
+    if spec.kind == "video":
+        frames = np.asarray(output.frames[0])
+        return Generation(result, frames=[to_uint8(frame) for frame in frames])
+    return Generation(result, images=list(output.images))
+
+
+def to_uint8(frame: np.ndarray) -> np.ndarray:
+    return (np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8)
