@@ -64,6 +64,52 @@ class RedisServer:
         stop_process_group(self.process)
 
 
+class TlsRedisServer(RedisServer):
+    """A throwaway redis-server that speaks only TLS, with its own certificate authority (made with openssl)."""
+
+    def __init__(self, workdir: Path):
+        binary, openssl = shutil.which("redis-server"), shutil.which("openssl")
+        if binary is None or openssl is None:
+            raise RuntimeError("a TLS redis-server needs redis-server and openssl installed")
+        self.ca = workdir / "ca.crt"
+        _make_certificates(openssl, workdir)
+        self.port = free_port()
+        self.url = f"rediss://127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={self.ca}"
+        tls = ["--tls-cert-file", workdir / "redis.crt", "--tls-key-file", workdir / "redis.key"]
+        tls += ["--tls-ca-cert-file", self.ca, "--tls-auth-clients", "no"]
+        args = ["--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [binary, *args, *map(str, tls), "--dir", str(workdir)], stdout=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            wait_until(self._answers, 10, "the TLS redis-server to start")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return redis.Redis.from_url(self.url, socket_timeout=0.5).ping()
+        except (redis.RedisError, OSError):
+            return False
+
+
+def _make_certificates(openssl: str, folder: Path) -> None:
+    """A CA, and a certificate it signed for 127.0.0.1."""
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    new_key = ("-newkey", "rsa:2048", "-nodes")
+    run("req", "-x509", *new_key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=fastgen-test-ca")
+    run("req", *new_key, "-keyout", "redis.key", "-out", "redis.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    signed = ("-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.cnf")
+    run("x509", "-req", "-in", "redis.csr", *signed, "-out", "redis.crt", "-days", "1")
+
+
 class Process:
     """A fastgen command in its own process group, with its output in a log file."""
 

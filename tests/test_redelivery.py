@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import redis
-from services import Api, service_env, wait_until, worker
+from services import Api, TlsRedisServer, service_env, wait_until, worker
 
 from fastgen.jobs import HELD_S, LEASE_S, JobRecord, RedisJobStore, SqliteJobStore, lost_jobs
 
@@ -59,6 +59,19 @@ def on_redis(redis_url, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def on_tls_redis(tmp_path_factory):
+    """A rediss:// broker: kombu takes TLS from the URL's scheme, which fastgen's own transport must keep."""
+    try:
+        server = TlsRedisServer(tmp_path_factory.mktemp("tls-redis"))
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    service = start(tmp_path_factory.mktemp("redelivery-tls"), broker_url=server.url)
+    yield service
+    stop(service)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     service = start(tmp_path_factory.mktemp("redelivery-embedded"))
     yield service
@@ -83,7 +96,7 @@ def running_at_step(client, job_id: str, step: int) -> bool:
     return status["status"] == "running" and (status.get("progress") or {}).get("step", 0) >= step
 
 
-@pytest.mark.parametrize("broker", ["on_redis", "embedded"])
+@pytest.mark.parametrize("broker", ["on_redis", "on_tls_redis", "embedded"])
 def test_a_job_whose_pool_process_died_reads_queued_and_runs_before_later_jobs(request, broker):
     service = request.getfixturevalue(broker)
     with service.api.client() as client:
@@ -258,3 +271,19 @@ def test_a_job_is_lost_only_once_its_hold_runs_out_and_never_once_it_ended(redis
     time.sleep(0.2)
     store.finished(taken.id, "succeeded")
     assert lost_jobs(store.redis, [taken.id, waiting.id], store.prefix) == set()  # ended, or never taken
+
+
+def test_a_rediss_urls_tls_settings_reach_the_broker():
+    import ssl
+
+    from fastgen.workers.app import tls_options
+
+    url = "rediss://cache.internal:6380/0?ssl_cert_reqs=CERT_OPTIONAL&ssl_ca_certs=/etc/ca.pem&ssl_certfile=/etc/c.pem"
+    assert tls_options(url) == {
+        "ssl_cert_reqs": ssl.CERT_OPTIONAL,
+        "ssl_ca_certs": "/etc/ca.pem",
+        "ssl_certfile": "/etc/c.pem",
+    }
+    assert tls_options("rediss://cache.internal:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}  # verify by default
+    with pytest.raises(ValueError, match="ssl_cert_reqs must be one of required, optional, none, got 'maybe'"):
+        tls_options("rediss://cache.internal:6380/0?ssl_cert_reqs=maybe")

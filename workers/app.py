@@ -15,8 +15,10 @@ import logging
 import os
 import re
 import socket
+import ssl
 import warnings
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 from celery.exceptions import SecurityWarning
@@ -167,9 +169,27 @@ def _transport(settings: Settings) -> dict:
 def _front_requeue(url: str) -> dict:
     """The Redis transport that requeues a job at the front (fastgen.workers.transport).
 
-    Not for rediss://: kombu switches TLS on from the transport's name, which a transport class does not carry.
+    kombu turns TLS on from the URL's scheme, which a transport class does not carry, so for rediss:// the URL's
+    own TLS settings (``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, what Celery's result
+    backend already requires there) are handed to the broker as ``broker_use_ssl``.
     """
-    return {"broker_transport": "fastgen.workers.transport:RedisTransport"} if url.startswith("redis://") else {}
+    front = {"broker_transport": "fastgen.workers.transport:RedisTransport"}
+    if url.startswith("redis://"):
+        return front
+    return front | {"broker_use_ssl": tls_options(url)}
+
+
+CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def tls_options(url: str) -> dict:
+    """A rediss:// URL's TLS settings as the Redis client takes them."""
+    query = parse_qs(urlsplit(url).query)
+    options = {name: query[name][-1] for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if name in query}
+    reqs = query.get("ssl_cert_reqs", ["required"])[-1].lower().removeprefix("cert_")
+    if reqs not in CERT_REQS:
+        raise ValueError(f"FASTGEN_BROKER_URL: ssl_cert_reqs must be one of {', '.join(CERT_REQS)}, got {reqs!r}")
+    return options | {"ssl_cert_reqs": CERT_REQS[reqs]}
 
 
 def _folder(settings: Settings, name: str) -> Path:
