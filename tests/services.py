@@ -84,7 +84,10 @@ class TlsRedisServer(RedisServer):
         try:
             wait_until(self._answers, 10, "the TLS redis-server to start")
         except BaseException:
+            exited = self.process.poll() is not None
             self.stop()
+            if exited:  # it refused its TLS options: built without TLS
+                raise RuntimeError("this redis-server does not serve TLS") from None
             raise
 
     def _answers(self) -> bool:
