@@ -260,10 +260,13 @@ def test_a_job_is_lost_only_once_its_hold_runs_out_and_never_once_it_ended(redis
     taken, waiting = (JobRecord(uuid.uuid4().hex, "alice", "tiny-sd", "fastgen.tiny-sd", time.time()) for _ in "ab")
     store.add(taken)
     store.add(waiting)
-    store.started(taken.id, lease_s=0.25)  # held for twice that
+    store.started(taken.id, lease_s=1.0)  # held for twice that
+    started_at = time.monotonic()
     assert lost_jobs(store.redis, [taken.id, waiting.id], store.prefix) == set()
-    time.sleep(0.3)  # the lease lapsed (it reads queued) but the hold has not run out yet
-    assert store.get(taken.id).lease_lapsed and lost_jobs(store.redis, [taken.id], store.prefix) == set()
+    wait_until(lambda: store.get(taken.id).lease_lapsed, 5, "the lease to lapse")  # it reads queued now
+    lost, seconds = lost_jobs(store.redis, [taken.id], store.prefix), time.monotonic() - started_at
+    assert seconds < 1.9, f"{seconds:.2f} s: too slow to tell the lapsed lease from the lapsed hold"
+    assert lost == set()  # the hold has not run out
     wait_until(lambda: lost_jobs(store.redis, [taken.id], store.prefix), 5, "the hold to run out")
     store.heartbeat(taken.id, lease_s=30)  # a worker that renews again holds it again
     assert lost_jobs(store.redis, [taken.id], store.prefix) == set()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -45,11 +44,10 @@ from fastgen.accelerators import ACCELERATORS
 from fastgen.cache import open_cache
 from fastgen.cache.approximate import ApproximateCache, CacheRun, Hit, Lookup
 from fastgen.cache.embedder import PromptEmbedding
-from fastgen.engine import CancelFlag, Engine, Generation, StepCallback
+from fastgen.engine import CancelFlag, Engine, Generation, ResolvedRequest, StepCallback
 from fastgen.errors import FastgenError
 from fastgen.jobs import DEFAULT_TENANT
-from fastgen.lora.library import LoraInfo, LoraLibrary
-from fastgen.models.registry import ModelSpec
+from fastgen.lora.library import LoraInfo, LoraLibrary, fingerprints
 from fastgen.parallel import layout
 from fastgen.parallel.groups import free_port
 from fastgen.schema import GenerationRequest
@@ -270,8 +268,7 @@ class Resolved:
     """Rank 0's plan for a job and its own means to run it: the model, the LoRAs from its library, the cache's run."""
 
     plan: RunPlan
-    spec: ModelSpec
-    adapters: list[tuple[LoraInfo, float]]
+    resolved: ResolvedRequest  # with the plan's seed written into the request
     cached: CacheRun | None
 
 
@@ -287,18 +284,17 @@ def resolve_plan(
 
     Raises what ``Engine.prepare`` and the library raise for a request that cannot run (nothing is announced then).
     """
-    spec, request = engine.prepare(payload)
-    adapters = engine.adapters(request)
-    # Every rank must draw the same starting noise: rank 0 picks the seed a request leaves open.
-    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-    request = request.model_copy(update={"seed": seed})
-    loras = tuple((info.name, info.sha256, scale) for info, scale in adapters)
+    resolved = engine.resolve(payload)
+    spec, seed = resolved.spec, resolved.seed
+    # Every rank must draw the same starting noise: the plan carries the seed rank 0 picked.
+    request = resolved.request.model_copy(update={"seed": seed})
+    loras = fingerprints(resolved.adapters)
     cached = None
     if engine.cache is not None:
         pipe = engine.pool.get(spec)[0].pipe
         cached = engine.cache.cache.begin(pipe, spec.name, request, seed, tenant, loras, embedded)
     plan = RunPlan(number, job_id, tenant, spec.name, request, seed, loras, CacheDecision.of(cached))
-    return Resolved(plan, spec, adapters, cached)
+    return Resolved(plan, ResolvedRequest(spec, request, seed, resolved.adapters), cached)
 
 
 def held_adapters(library: LoraLibrary, plan: RunPlan) -> list[tuple[LoraInfo, float]]:
@@ -342,17 +338,7 @@ def lead(
         group.check_ready(plan)
         flag = StepAgreement(group, plan, cancel, deadline, limit_message)
         with _planned(engine, resolved.cached):
-            return engine.run_resolved(
-                resolved.spec,
-                plan.request,
-                plan.seed,
-                resolved.adapters,
-                on_step,
-                flag,
-                job_id,
-                tenant,
-                started=started,
-            )
+            return engine.run_resolved(resolved.resolved, on_step, flag, job_id, tenant, started=started)
     except FastgenError:
         raise  # the same on every rank; the group is still in step
     except Exception as exc:
@@ -399,10 +385,7 @@ def run_plan(engine: Engine, group: RankGroup, plan: RunPlan) -> Generation:
         # Only rank 0's image is kept: the others stop at the latents rather than decode one to drop it.
         flag = StepAgreement(group, plan)
         return engine.run_resolved(
-            spec,
-            plan.request,
-            plan.seed,
-            adapters,
+            ResolvedRequest(spec, plan.request, plan.seed, adapters),
             cancel=flag,
             result_id=plan.job_id,
             tenant=plan.tenant,

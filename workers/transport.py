@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 class RedisQoS(redis.QoS):
+    sweep_failed = False  # the lost-job sweep has failed once (said at WARNING; later failures at DEBUG)
+
     def restore_by_tag(self, tag, client=None, leftmost=False):
         # Only reject(requeue=True) asks for leftmost (LPUSH: the back of a BRPOP queue); every restore goes in front.
         super().restore_by_tag(tag, client, leftmost=False)
@@ -40,9 +42,8 @@ class RedisQoS(redis.QoS):
         try:
             self.restore_lost(num)
         except Exception as exc:  # the broker's own sweep and the consumer go on; the next sweep tries again
-            # Once at WARNING: a sweep runs every second.
-            level = logging.DEBUG if getattr(self, "_sweep_failed", False) else logging.WARNING
-            self._sweep_failed = True
+            level = logging.DEBUG if self.sweep_failed else logging.WARNING  # a sweep runs every second
+            self.sweep_failed = True
             logger.log(level, "could not look for jobs whose worker is gone: %s", exc)
 
     def restore_lost(self, num: int | None = 10) -> None:

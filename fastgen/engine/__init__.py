@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from fastgen.accelerators import ACCELERATORS, Accelerator, attach
 from fastgen.engine.monitor import CancelFlag, Progress, StepCallback, StepMonitor
 from fastgen.engine.pool import LoadedPipeline, PipelinePool, resolve_device, resolve_dtype
-from fastgen.engine.run import Generation, Run, call_kwargs, generation_of, run_timings, to_uint8
+from fastgen.engine.run import Generation, ResolvedRequest, Run, call_kwargs, generation_of, run_timings, to_uint8
 from fastgen.jobs import DEFAULT_TENANT
 from fastgen.lora.hotswap import ActiveLoras, AdapterSlots
-from fastgen.lora.library import LoraInfo, LoraLibrary
+from fastgen.lora.library import LoraInfo, LoraLibrary, fingerprints
 from fastgen.models.registry import ModelRegistry, ModelSpec
 from fastgen.schema import AccelerationReport, GenerationRequest, GenerationResult, parse_request
 from fastgen.settings import Settings
@@ -38,6 +38,7 @@ __all__ = [
     "LoadedPipeline",
     "PipelinePool",
     "Progress",
+    "ResolvedRequest",
     "Run",
     "StepCallback",
     "StepMonitor",
@@ -93,19 +94,17 @@ class Engine:
         when the door computed it.
         """
         started = time.perf_counter()
+        return self.run_resolved(self.resolve(request), on_step, cancel, result_id, tenant, decode, embedded, started)
+
+    def resolve(self, request: GenerationRequest | dict) -> ResolvedRequest:
+        """``prepare``, then the LoRAs from the library and the seed (random where the request leaves it open)."""
         spec, request = self.prepare(request)
-        adapters = self.adapters(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        return self.run_resolved(
-            spec, request, seed, adapters, on_step, cancel, result_id, tenant, decode, embedded, started
-        )
+        return ResolvedRequest(spec, request, seed, self.adapters(request))
 
     def run_resolved(
         self,
-        spec: ModelSpec,
-        request: GenerationRequest,
-        seed: int,
-        adapters: list[tuple[LoraInfo, float]],
+        resolved: ResolvedRequest,
         on_step: StepCallback | None = None,
         cancel: CancelFlag | None = None,
         result_id: str | None = None,
@@ -119,10 +118,11 @@ class Engine:
         Nothing is validated or decided again: the ranks of a multi-device worker run rank 0's plan this way.
         """
         started = time.perf_counter() if started is None else started
+        spec, request, seed = resolved.spec, resolved.request, resolved.seed
         loaded, load_s = self.pool.get(spec)
         monitor = StepMonitor(request.steps, on_step, cancel)
         monitor.check_cancel()
-        run = Run(loaded, request, seed, tenant, monitor, adapters, decode, embedded)
+        run = Run(loaded, request, seed, tenant, monitor, resolved.adapters, decode, embedded)
         with loaded.lock:
             output, reports = self._generate(run)
         finished = time.perf_counter()
@@ -177,9 +177,9 @@ class Engine:
         """The cache's decision for this run (a hit sets where it starts), or None with the cache off."""
         if not self.cache:
             return None
-        fingerprints = tuple((info.name, info.sha256, scale) for info, scale in run.adapters)
         spec, pipe = run.loaded.spec, run.loaded.pipe
-        cached = self.cache.begin(pipe, spec.name, run.request, run.seed, run.tenant, fingerprints, run.embedded)
+        loras = fingerprints(run.adapters)
+        cached = self.cache.begin(pipe, spec.name, run.request, run.seed, run.tenant, loras, run.embedded)
         if cached:
             run.monitor.skipped = cached.skipped
             run.monitor.hooks.append(cached.on_step)

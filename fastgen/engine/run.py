@@ -20,6 +20,18 @@ if TYPE_CHECKING:
     from fastgen.cache.embedder import PromptEmbedding
 
 
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request ready to run: its model, the request with the model's defaults, the seed, the LoRAs from the library.
+
+    ``Engine.resolve`` makes one; the ranks of a multi-device worker make theirs from rank 0's plan."""
+
+    spec: ModelSpec
+    request: GenerationRequest
+    seed: int
+    adapters: list[tuple[LoraInfo, float]]
+
+
 @dataclass
 class Run:
     """One pipeline call, built once by ``Engine.run``: the request with its model's defaults, the seed, the LoRAs

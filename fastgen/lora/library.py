@@ -62,6 +62,12 @@ class LoraError(InvalidRequest):
         super().__init__([FieldError(field, message)])
 
 
+def fingerprints(adapters: list[tuple[LoraInfo, float]]) -> tuple[tuple[str, str, float], ...]:
+    """(name, SHA-256, scale) of each adapter: what names a request's LoRAs across processes (the approximate cache's
+    key, a multi-device worker's plan)."""
+    return tuple((info.name, info.sha256, scale) for info, scale in adapters)
+
+
 @dataclass(frozen=True)
 class LoraInfo:
     """What the library knows of one adapter file, read from its header."""
