@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from typing import Any
 
 from fastgen.accelerators import Accelerator
@@ -106,7 +105,7 @@ class RankLayouts:
             raise InvalidRequest.one("accelerate.parallel.cfg", why)
         return 2 if possible and want.cfg is not False else 1
 
-    def apply(self, pipe, want: ParallelRequest):
+    def apply(self, pipe, want: ParallelRequest, run=None):
         groups, reason = self.choose(want, pipe)
         if groups is None:
             return Replicated(self.world_size, reason)
@@ -158,4 +157,4 @@ class Replicated:
 
 def accelerator(layouts: RankLayouts, default_mode: PatchMode) -> Accelerator:
     """The ``parallel`` row of a multi-device worker's accelerator table, bound to its groups."""
-    return Accelerator("parallel", partial(from_request, default_mode=default_mode), layouts.apply)
+    return Accelerator("parallel", lambda run: from_request(run.request, default_mode), layouts.apply)

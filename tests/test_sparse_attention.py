@@ -327,7 +327,7 @@ def pixels(generation) -> np.ndarray:
 
 def reference_table():
     """The engine's accelerators with sparse attention on the reference kernel (no compilation in tests)."""
-    row = Accelerator("sparse_attention", partial(sa.from_request, kernel="reference"), sa.apply)
+    row = Accelerator("sparse_attention", partial(sa.from_run, kernel="reference"), sa.apply)
     return tuple(row if a.name == "sparse_attention" else a for a in ACCELERATORS)
 
 

@@ -259,6 +259,9 @@ class PlannedCache:
         finally:
             self.planned = None
 
+    def enabled_for(self, request) -> bool:
+        return self.planned is not None
+
     def begin(self, pipe, model: str, request, seed: int, tenant: str, adapters=(), embedded=None) -> CacheRun | None:
         return self.planned
 

@@ -12,11 +12,14 @@ leaves flags behind; the handle here removes every trace so the model is exactly
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fastgen.schema import GenerationRequest
+
+if TYPE_CHECKING:
+    from fastgen.engine.run import Run
 
 FUSED_LAYERS = ("to_qkv", "to_kv", "to_added_qkv", "to_added_kv")
 _MISSING = object()
@@ -29,6 +32,10 @@ class FuseQKVConfig:
 
 def from_request(request: GenerationRequest) -> FuseQKVConfig | None:
     return FuseQKVConfig() if request.accelerate.fuse_qkv else None
+
+
+def from_run(run: Run) -> FuseQKVConfig | None:
+    return from_request(run.request)
 
 
 def denoiser(pipe) -> torch.nn.Module:
@@ -68,6 +75,6 @@ def _unfuse(module: torch.nn.Module) -> None:
         module.fused_projections = False
 
 
-def apply(pipe, config: FuseQKVConfig) -> FusedQKVHandle:
+def apply(pipe, config: FuseQKVConfig, run: Run | None = None) -> FusedQKVHandle:
     """Fuse the denoiser's attention projections; ``remove()`` restores the unfused model exactly."""
     return FusedQKVHandle(denoiser(pipe))

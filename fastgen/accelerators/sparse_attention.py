@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -36,6 +36,9 @@ from fastgen.attention.processors import CallKind, SparseAttentionState, SparseS
 from fastgen.attention.projections import PROJECTIONS
 from fastgen.schema import GenerationRequest
 from fastgen.techniques.sparse_attention import SPARSE_ATTENTION_MODES
+
+if TYPE_CHECKING:
+    from fastgen.engine.run import Run
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,10 @@ def from_request(request: GenerationRequest, **overrides: Any) -> SparseAttentio
         return None
     asked = {name: value for name, value in options.model_dump().items() if value is not None}
     return SparseAttentionConfig(**asked | overrides)
+
+
+def from_run(run: Run, **overrides: Any) -> SparseAttentionConfig | None:
+    return from_request(run.request, **overrides)
 
 
 def step_kind(step: int, dense_steps: int, refresh_every: int) -> CallKind:
@@ -229,6 +236,6 @@ class SparseAttentionHandle:
         }
 
 
-def apply(pipe, config: SparseAttentionConfig) -> SparseAttentionHandle:
+def apply(pipe, config: SparseAttentionConfig, run: Run | None = None) -> SparseAttentionHandle:
     """Install sparse self-attention on ``pipe`` for one request; ``remove()`` restores it exactly."""
     return SparseAttentionHandle(pipe, config)

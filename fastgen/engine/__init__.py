@@ -1,9 +1,10 @@
 """The generation engine: a warm pipeline per model (``pool``), one run per pipeline call (``run``), one step
 monitor per run (``monitor``), one request at a time per pipeline.
 
-``Engine.run`` takes a validated request, fills the model's defaults, attaches the accelerators
-the request asks for, calls the ordinary diffusers pipeline and detaches them again in
-try/finally, so the pool's pipelines are always clean between requests. The step callback is the
+``Engine.run`` takes a validated request, fills the model's defaults, builds its ``Run``, attaches
+every technique the run uses (``fastgen.accelerators``, in the technique table's order), calls the
+ordinary diffusers pipeline and detaches them again whatever happens, so the pool's pipelines are
+always clean between requests. The step callback is the
 one place where progress is reported and cancellation is honoured (between denoising steps).
 """
 
@@ -21,8 +22,7 @@ from fastgen.engine.monitor import CancelFlag, Progress, StepCallback, StepMonit
 from fastgen.engine.pool import LoadedPipeline, PipelinePool, resolve_device, resolve_dtype
 from fastgen.engine.run import Generation, ResolvedRequest, Run, call_kwargs, generation_of, run_timings, to_uint8
 from fastgen.jobs import DEFAULT_TENANT
-from fastgen.lora.hotswap import ActiveLoras, AdapterSlots
-from fastgen.lora.library import LoraInfo, LoraLibrary, fingerprints
+from fastgen.lora.library import LoraInfo, LoraLibrary
 from fastgen.models.registry import ModelRegistry, ModelSpec
 from fastgen.schema import AccelerationReport, GenerationRequest, GenerationResult, parse_request
 from fastgen.settings import Settings
@@ -122,7 +122,8 @@ class Engine:
         loaded, load_s = self.pool.get(spec)
         monitor = StepMonitor(request.steps, on_step, cancel)
         monitor.check_cancel()
-        run = Run(loaded, request, seed, tenant, monitor, resolved.adapters, decode, embedded)
+        run = Run(loaded, request, seed, tenant, monitor, resolved.adapters, self.settings, self.cache, self.loras)
+        run.decode, run.embedded = decode, embedded
         with loaded.lock:
             output, reports = self._generate(run)
         finished = time.perf_counter()
@@ -147,53 +148,11 @@ class Engine:
         return [(self.loras.get(lora.name, f"loras[{i}]"), lora.scale) for i, lora in enumerate(request.loras)]
 
     def _generate(self, run: Run) -> tuple[Any, list[AccelerationReport]]:
-        """Look up the cache, switch on the LoRAs, attach the accelerators, run the pipeline; whatever happens, each is
-        taken off again in the reverse order (the stack)."""
-        pipe, request = run.loaded.pipe, run.request
+        """Attach the techniques the run uses (in the table's order), call the pipeline, collect their reports;
+        whatever happens, each is taken off again in the reverse order."""
         with ExitStack() as attached_here:
-            cached = self._begin_cache(run)
-            loras = self._activate(run)
-            if loras:
-                attached_here.callback(loras.remove)
-            accelerators = attach(pipe, request, self.accelerators)
-            attached_here.callback(accelerators.remove)
-            resume_kwargs = {}
-            if cached:
-                detach_resume, resume_kwargs = cached.resume()
-                attached_here.callback(detach_resume)
+            attached = attach(run.loaded.pipe, run, self.accelerators)
+            attached_here.callback(attached.remove)
             run.monitor.start = time.perf_counter()
-            kwargs = call_kwargs(pipe, run.loaded.spec, request, run.seed, run.monitor) | resume_kwargs
-            output = pipe(**kwargs | ({} if run.decode else {"output_type": "latent"}))
-            reports = accelerators.reports()
-        if loras:
-            reports.insert(0, AccelerationReport(name="loras", details=loras.report()))
-        if cached:
-            if loras and loras.applied_late:  # its first steps ran without the adapter: not this prompt's states
-                cached.captured.clear()
-            reports.append(AccelerationReport(name="cache", details=cached.finish()))
-        return output, reports
-
-    def _begin_cache(self, run: Run):
-        """The cache's decision for this run (a hit sets where it starts), or None with the cache off."""
-        if not self.cache:
-            return None
-        spec, pipe = run.loaded.spec, run.loaded.pipe
-        loras = fingerprints(run.adapters)
-        cached = self.cache.begin(pipe, spec.name, run.request, run.seed, run.tenant, loras, run.embedded)
-        if cached:
-            run.monitor.skipped = cached.skipped
-            run.monitor.hooks.append(cached.on_step)
-        return cached
-
-    def _activate(self, run: Run) -> ActiveLoras | None:
-        loaded, adapters, monitor = run.loaded, run.adapters, run.monitor
-        if not adapters:
-            return None
-        if loaded.adapters is None:
-            loaded.adapters = AdapterSlots(loaded.pipe, self.loras, self.settings.lora_slots)
-        # Due by the last step at the latest; a resumed run starts after its skipped steps, so an adapter due by
-        # then is swapped in before the first.
-        by_step = min(self.settings.lora_apply_by_step, monitor.total - 1)
-        loras = loaded.adapters.activate(adapters, by_step if by_step > monitor.skipped else 0)
-        monitor.hooks.append(loras.on_step)
-        return loras
+            output = run.loaded.pipe(**run.pipeline_kwargs())
+            return output, attached.reports()

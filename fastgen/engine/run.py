@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -12,11 +12,13 @@ from PIL import Image
 
 from fastgen.engine.monitor import StepMonitor, step_callback
 from fastgen.engine.pool import LoadedPipeline
-from fastgen.lora.library import LoraInfo
+from fastgen.lora.library import LoraInfo, LoraLibrary
 from fastgen.models.registry import ModelSpec
 from fastgen.schema import GenerationRequest, GenerationResult, Timings
+from fastgen.settings import Settings
 
 if TYPE_CHECKING:
+    from fastgen.cache.approximate import ApproximateCache
     from fastgen.cache.embedder import PromptEmbedding
 
 
@@ -34,9 +36,14 @@ class ResolvedRequest:
 
 @dataclass
 class Run:
-    """One pipeline call, built once by ``Engine.run``: the request with its model's defaults, the seed, the LoRAs
-    from the library, the tenant and prompt vector the cache looks up by, and the step monitor the techniques hook
-    into. One request per call today; request batching will make it hold several."""
+    """One pipeline call, built once by ``Engine.run_resolved``: the request with its model's defaults, the seed, the
+    LoRAs from the library, the tenant and prompt vector the cache looks up by, the step monitor, and the service's
+    settings and stores the techniques attach with (``fastgen.accelerators``). One request per call today; request
+    batching will make it hold several.
+
+    What the attached techniques give the run collects here: ``call_kwargs`` for the pipeline call, the monitor's
+    start step and step hooks, and ``changed_mid_run``: the techniques that changed the denoiser after its first step
+    (the states such a run passes through are not the request's own, so the cache does not keep them)."""
 
     loaded: LoadedPipeline
     request: GenerationRequest
@@ -44,8 +51,26 @@ class Run:
     tenant: str
     monitor: StepMonitor
     adapters: list[tuple[LoraInfo, float]]
+    settings: Settings
+    cache: ApproximateCache | None = None
+    library: LoraLibrary | None = None
     decode: bool = True  # False: stop at the latents (the helper ranks of a multi-device worker)
     embedded: PromptEmbedding | None = None
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    changed_mid_run: set[str] = field(default_factory=set)
+
+    def take_part(self, handle) -> None:
+        """Let an attached technique's handle take part: skip its ``start_step`` steps of the schedule, add its
+        ``call_kwargs`` to the call, hear every step through its ``on_step``."""
+        self.monitor.skipped = max(self.monitor.skipped, getattr(handle, "start_step", 0))
+        self.call_kwargs |= getattr(handle, "call_kwargs", {})
+        if callable(getattr(handle, "on_step", None)):
+            self.monitor.hooks.append(handle.on_step)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """The pipeline call's arguments: the request's, then the techniques'."""
+        kwargs = call_kwargs(self.loaded.pipe, self.loaded.spec, self.request, self.seed, self.monitor)
+        return kwargs | self.call_kwargs | ({} if self.decode else {"output_type": "latent"})
 
 
 @dataclass

@@ -103,11 +103,6 @@ class ActiveLoras:
             self.pending.remove(item)
         self.slots.choose(self.chosen)
 
-    @property
-    def applied_late(self) -> bool:
-        """Whether some adapter was switched on only after denoising began (or never, if the run stopped early)."""
-        return bool(self.pending) or any("applied_at_step" in item for item in self.report_items)
-
     def remove(self) -> None:
         for future, *_ in self.pending:
             future.cancel()

@@ -9,8 +9,9 @@ here and nowhere else. The table's order is the order the engine applies them in
 before LoRAs are switched on, and the accelerators that swap attention processors attach after both. Torch-free: the
 API tier and the page import it.
 
-How each one attaches to a pipeline is its own package's business (``fastgen.accelerators``, ``fastgen.cache``,
-``fastgen.lora``, ``fastgen.parallel``).
+Each row's ``attach`` module in ``fastgen.accelerators`` attaches it to one run (the cache, LoRAs, fuse_qkv, sparse
+attention); the machinery behind it is its own package's business (``fastgen.cache``, ``fastgen.lora``,
+``fastgen.attention``); a multi-device worker adds the ``parallel`` row itself (``fastgen.parallel``).
 """
 
 from __future__ import annotations

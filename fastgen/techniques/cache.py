@@ -1,7 +1,7 @@
 """The approximate noise-state cache as a technique: its request options, CLI flags and page control.
 
 Nirvana (Agarwal et al., "Approximate Caching for Efficiently Serving Text-to-Image Diffusion Models", NSDI 2024);
-the cache itself is ``fastgen.cache``.
+the cache itself is ``fastgen.cache``, attached to a run by ``fastgen.accelerators.cache``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class CacheOptions(Strict):
 
 TECHNIQUE = Technique(
     "cache",
+    attach="fastgen.accelerators.cache",
     asked=lambda r: r.accelerate.cache.enabled,
     supported=lambda spec: "cache" in spec.accelerations,
     options=(CacheOptions, Field(default_factory=CacheOptions)),

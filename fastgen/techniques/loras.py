@@ -1,4 +1,5 @@
-"""Per-request LoRA adapters as a technique (SwiftDiffusion's hot-swapped adapters; ``fastgen.lora``).
+"""Per-request LoRA adapters as a technique (SwiftDiffusion's hot-swapped adapters; ``fastgen.lora``, attached to a
+run by ``fastgen.accelerators.loras``).
 
 Their request field is the request's own ``loras`` list (``fastgen.schema.LoraRef``), not one under ``accelerate``.
 """
@@ -23,6 +24,7 @@ def lora_from_arg(text: str) -> dict:
 
 TECHNIQUE = Technique(
     "loras",
+    attach="fastgen.accelerators.loras",
     asked=lambda r: bool(r.loras),
     supported=lambda spec: spec.pipeline_class in LORA_PIPELINES,
     option="loras",

@@ -53,9 +53,9 @@ class Technique:
     turns it on. ``supported``: whether a model can take it, from the model's spec. ``conflicts``: the techniques a
     request may not combine it with, each with the reason the door gives. ``acceleration``: listed among a model's
     ``accelerations`` (LoRAs are listed on their own, as ``loras``). ``flags``: its ``fastgen generate`` flags.
-    ``attach``: the module whose ``from_request(request)`` and ``apply(pipe, config)`` attach it to a pipeline
-    (imported only by the engine, in table order; torch lives there). None: the engine attaches it itself (the cache
-    and LoRAs hold the engine's stores) or a worker adds it (``parallel``, bound to its process groups).
+    ``attach``: the module whose ``from_run(run)`` and ``apply(pipe, config, run)`` attach it to a pipeline for one
+    run (``fastgen.accelerators``; imported only by the engine, in table order; torch lives there). None: a worker
+    adds it (``parallel``, bound to its process groups).
     """
 
     name: str
