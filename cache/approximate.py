@@ -34,7 +34,7 @@ from fastgen.cache.index import IndexKind, VectorIndex
 from fastgen.cache.policy import CachePolicy
 from fastgen.cache.states import StateFiles
 from fastgen.cache.store import CacheStore, Entry, Event
-from fastgen.schema import GenerationRequest
+from fastgen.schema import GenerationRequest, image_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class ApproximateCache:
         except Exception as exc:  # the cache is an optimisation: never fail a job for it
             logger.exception("cache lookup failed; running uncached")
             return CacheRun.unusable(self, model, f"cache unavailable: {type(exc).__name__}")
-        return CacheRun(self, pipe, model, request, seed, lookup)
+        return CacheRun(self, pipe, model, request, image_seeds(seed, request.num_images), lookup)
 
     def lookup(
         self,
@@ -345,19 +345,23 @@ class ApproximateCache:
 
 @dataclass
 class CacheRun:
-    """One request's use of the cache: the resume state going in, the states captured coming out."""
+    """One request's use of the cache: the resume state going in, the states captured coming out.
+
+    Each of the request's images (``seeds``) is a request of its own to the cache: on a hit each resumes from the
+    matched state reseeded to its own seed, and each stores its own entry. They share the prompt, so the one lookup
+    is the one each would make."""
 
     cache: ApproximateCache
     pipe: Any
     model: str
     request: GenerationRequest | None
-    seed: int
+    seeds: list[int]
     lookup: Lookup
     captured: list[resume.State] = field(default_factory=list)
 
     @classmethod
     def unusable(cls, cache: ApproximateCache, model: str, reason: str) -> CacheRun:
-        return cls(cache, None, model, None, 0, Lookup("", "", np.zeros(0, np.float32), reason=reason))
+        return cls(cache, None, model, None, [0], Lookup("", "", np.zeros(0, np.float32), reason=reason))
 
     @property
     def hit(self) -> Hit | None:
@@ -382,10 +386,12 @@ class CacheRun:
         """Attach the resume (on a hit); returns the function that detaches it and the call's extra kwargs."""
         if self.hit is None:
             return (lambda: None), {}
-        state = self.hit.state
-        if self.cache.config.policy.reseed:
-            state = resume.reseed(state, self.pipe.scheduler, self.hit.entry.seed, self.seed)
-        handle, kwargs = resume.apply(self.pipe, state)
+        stored, reseed = self.hit.state, self.cache.config.policy.reseed
+        states = [
+            resume.reseed(stored, self.pipe.scheduler, self.hit.entry.seed, seed) if reseed else stored
+            for seed in self.seeds
+        ]
+        handle, kwargs = resume.apply(self.pipe, resume.stack(states))
         return handle.remove, kwargs
 
     def on_step(self, step: int, latents: torch.Tensor | None) -> None:
@@ -398,15 +404,22 @@ class CacheRun:
         report = self.report()
         if self.request is None:  # unusable: nothing was looked up, nothing to store or count
             return report
+        images = len(self.seeds)
         try:
             if self.captured:
-                report["stored_entry"] = self.cache.store_states(self.lookup, self.request, self.seed, self.captured)
+                per_image = zip(*(resume.split(state, images) for state in self.captured), strict=True)
+                entries = [
+                    self.cache.store_states(self.lookup, self.request, seed, list(states))
+                    for seed, states in zip(self.seeds, per_image, strict=True)
+                ]
+                report["stored_entry"], report["stored_entries"] = entries[0], entries
                 report["stored_steps"] = [state.step for state in self.captured]
-            outcome = {"hits": 1} if self.hit else {"misses": 1}
+            outcome = {"hits": images} if self.hit else {"misses": images}
+            steps_run = self.request.steps - self.skipped
             self.cache.store.count(
-                self.model, **outcome, steps_saved=self.skipped, steps_run=self.request.steps - self.skipped
+                self.model, **outcome, steps_saved=self.skipped * images, steps_run=steps_run * images
             )
-            if self.hit:
+            for _ in range(images if self.hit else 0):
                 self.cache.store.hit(self.hit.entry.id, self.hit.skip)
         except Exception:
             logger.exception("storing cache states failed; the result is unaffected")

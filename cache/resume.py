@@ -60,6 +60,50 @@ def capture(scheduler, latents: torch.Tensor, step: int, total: int) -> State:
     return State(step, total, latents.detach().to("cpu", copy=True), history)
 
 
+def stack(states: list[State]) -> State:
+    """One state for a batch of images, one per image in order (its latents and sample-shaped history stacked along
+    the batch); a single state as it is."""
+    if len(states) == 1:
+        return states[0]
+    first = states[0]
+    history = {
+        name: _batched([state.history[name] for state in states]) if name in SAMPLE_SHAPED else value
+        for name, value in first.history.items()
+    }
+    return State(first.step, first.total, torch.cat([state.latents for state in states]), history)
+
+
+def split(state: State, count: int) -> list[State]:
+    """The state of each of a batch's ``count`` images (``stack`` undone)."""
+    if count == 1:
+        return [state]
+
+    def sample(value, i: int):
+        if isinstance(value, torch.Tensor):
+            return value[i : i + 1].clone()
+        return [sample(v, i) for v in value] if isinstance(value, list) else value
+
+    return [
+        State(
+            state.step,
+            state.total,
+            state.latents[i : i + 1].clone(),
+            {name: sample(value, i) if name in SAMPLE_SHAPED else value for name, value in state.history.items()},
+        )
+        for i in range(count)
+    ]
+
+
+def _batched(values: list):
+    """Per-image history values (tensors, lists of them, or None) stacked along the batch."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values)
+    if isinstance(first, list):
+        return [_batched([value[i] for value in values]) for i in range(len(first))]
+    return first
+
+
 def _copy(value):
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)

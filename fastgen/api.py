@@ -12,15 +12,17 @@ or ``X-API-Key``) and sees only its tenant's jobs; without it the service is ope
 
 from __future__ import annotations
 
+import io
 import logging
+import zipfile
 from collections.abc import Iterator
 
 import kombu.exceptions
 import redis.exceptions
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from fastgen import api_assets, api_docs
@@ -29,7 +31,7 @@ from fastgen.artifacts import ArtifactGone, ArtifactStore
 from fastgen.errors import FastgenError, InvalidRequest
 from fastgen.jobs import DEFAULT_TENANT, redis_fault
 from fastgen.metrics import render_metrics
-from fastgen.schema import request_schema
+from fastgen.schema import GenerationResult, request_schema
 from fastgen.settings import Settings
 from fastgen.workers.queue import JobNotFound, JobQueue, JobStatus, QueueUnavailable
 
@@ -124,11 +126,17 @@ def create_api(
         response_class=StreamingResponse,
         responses={**api_docs.MEDIA_RESPONSE, **docs.of(401, 404, 409, 410, 422, 503)},
     )
-    def job_result(job_id: str, tenant: str = Depends(tenant_of)) -> StreamingResponse:
-        status = queue.status(job_id, tenant)
-        if status.result is None or not status.result.artifacts:
-            raise NotReady(f"job {job_id} is {status.status}; its result exists once it has succeeded")
-        artifact = status.result.artifacts[0]
+    def job_result(
+        job_id: str,
+        index: int = Query(0, ge=0, description="Which of the job's images (0 to num_images - 1); a video is 0"),
+        tenant: str = Depends(tenant_of),
+    ) -> StreamingResponse:
+        """One file of a succeeded job's result: image ``index``, or the video."""
+        result = _finished(queue, job_id, tenant)
+        if index >= len(result.artifacts):
+            count = len(result.artifacts)
+            raise InvalidRequest.one("index", f"must be 0 to {count - 1}: job {job_id} made {count}, got {index}")
+        artifact = result.artifacts[index]
         artifacts.verify(job_id, artifact)  # before the 200: a damaged file is a 410, never a broken body
         return StreamingResponse(
             _chunks(artifacts, job_id, artifact.name, artifact.bytes),
@@ -137,6 +145,23 @@ def create_api(
                 "Content-Disposition": f'inline; filename="{artifact.name}"',
                 "Content-Length": str(artifact.bytes),
             },
+        )
+
+    @app.get(
+        "/v1/jobs/{job_id}/result.zip",
+        response_class=Response,
+        responses={**api_docs.ZIP_RESPONSE, **docs.of(401, 404, 409, 410, 503)},
+    )
+    def job_result_zip(job_id: str, tenant: str = Depends(tenant_of)) -> Response:
+        """Every file of a succeeded job's result in one ZIP archive: each under its artifact name (``image_0.png``,
+        ``image_1.png``, ... or ``video.mp4``) and ``result.json``, the result's metadata (each artifact's seed)."""
+        result = _finished(queue, job_id, tenant)
+        for artifact in result.artifacts:
+            artifacts.verify(job_id, artifact)
+        return Response(
+            zip_of(artifacts, result),
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="{job_id}.zip"'},
         )
 
     @app.get("/v1/models", response_model=list[dict], responses=docs.of(401))
@@ -206,6 +231,23 @@ def _tenant_dependency(keys: dict[str, str]):
         return keys[key]
 
     return tenant_of
+
+
+def _finished(queue: JobQueue, job_id: str, tenant: str) -> GenerationResult:
+    status = queue.status(job_id, tenant)
+    if status.result is None or not status.result.artifacts:
+        raise NotReady(f"job {job_id} is {status.status}; its result exists once it has succeeded")
+    return status.result
+
+
+def zip_of(artifacts: ArtifactStore, result: GenerationResult) -> bytes:
+    """The result's files and its metadata as one ZIP archive, stored uncompressed (the media are compressed)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for artifact in result.artifacts:
+            archive.writestr(artifact.name, artifacts.read(result.id, artifact.name))
+        archive.writestr("result.json", result.model_dump_json(indent=2))
+    return buffer.getvalue()
 
 
 def _chunks(artifacts: ArtifactStore, job_id: str, name: str, size: int, chunk: int = 1 << 16) -> Iterator[bytes]:

@@ -65,6 +65,15 @@ MEDIA_RESPONSE = {
 }
 
 
+ZIP_RESPONSE = {
+    200: {
+        "description": "Every file of the result (``image_<i>.<fmt>`` or ``video.<fmt>``) and ``result.json``, its"
+        " metadata, each file checked against its recorded size and SHA-256 first",
+        "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
 class Responses:
     """The error responses of an operation; 401 only where keys are required."""
 

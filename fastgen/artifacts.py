@@ -52,7 +52,11 @@ class ArtifactStore:
         """Encode the media, write it and the metadata; return the result with its artifacts listed."""
         result = generation.result
         start = time.perf_counter()
-        artifacts = [self._put(result.id, name, data, result.output_format) for name, data in encode(generation)]
+        seeds = [None] if generation.frames else result.seeds or [result.seed]
+        artifacts = [
+            self._put(result.id, name, data, result.output_format, seed)
+            for (name, data), seed in zip(encode(generation), seeds, strict=True)
+        ]
         timings = result.timings.model_copy(update={"encode_s": time.perf_counter() - start})
         result = result.model_copy(update={"artifacts": artifacts, "timings": timings})
         self._write(result.id, METADATA, result.model_dump_json(indent=2).encode())
@@ -90,7 +94,7 @@ class ArtifactStore:
                 f"{artifact.bytes} stored{', or its SHA-256 differs' if size == artifact.bytes else ''})"
             )
 
-    def _put(self, result_id: str, name: str, data: bytes, fmt: str) -> Artifact:
+    def _put(self, result_id: str, name: str, data: bytes, fmt: str, seed: int | None) -> Artifact:
         path = self._write(result_id, name, data)
         return Artifact(
             name=name,
@@ -98,6 +102,7 @@ class ArtifactStore:
             media_type=MEDIA_TYPES[fmt],
             bytes=len(data),
             sha256=hashlib.sha256(data).hexdigest(),
+            seed=seed,
         )
 
     def _write(self, result_id: str, name: str, data: bytes) -> str:

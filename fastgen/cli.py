@@ -80,13 +80,21 @@ def build_parser(table: tuple[Technique, ...] | None = None) -> argparse.Argumen
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    gen = commands.add_parser("generate", help="generate one image or video", description="Generate one output.")
+    gen = commands.add_parser(
+        "generate", help="generate images or a video", description="Generate one video or images of one prompt."
+    )
     gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", type=Path, help="file to write (format from its suffix); default: ./<id>.<fmt>")
+    gen.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="file to write (format from its suffix); default: ./<id>.<fmt>; several images: <name>_<i><suffix>",
+    )
     gen.add_argument(
         "-m", "--model", help="model name, local pipeline directory or hub id (default: FASTGEN_DEFAULT_MODEL)"
     )
-    gen.add_argument("-n", "--negative-prompt", default="")
+    gen.add_argument("-n", "--num-images", type=int, help="image models: images to make, seeds seed, seed + 1, ...")
+    gen.add_argument("--negative-prompt", default="")
     gen.add_argument("-W", "--width", type=int)
     gen.add_argument("-H", "--height", type=int)
     gen.add_argument("-s", "--steps", type=int)
@@ -140,22 +148,32 @@ def build_parser(table: tuple[Technique, ...] | None = None) -> argparse.Argumen
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:
     request = request_from_args(args)
-    result, data = generate_remote(args, request) if args.url else generate_here(args, settings, request)
-    output = args.output or Path(f"{result.id}.{result.output_format}")
-    output.write_bytes(data)
+    result, files = generate_remote(args, request) if args.url else generate_here(args, settings, request)
+    outputs = output_paths(args.output or Path(f"{result.id}.{result.output_format}"), len(files))
+    for output, data in zip(outputs, files, strict=True):
+        output.write_bytes(data)
     if args.output is None:
-        print(f"no -o given: wrote {output}", file=sys.stderr)
-    if args.json:  # the result, and where this command wrote the file (the artifacts are the service's copies)
-        print(json.dumps({**result.model_dump(mode="json"), "output": str(output.resolve())}, indent=2))
-    else:
+        print(f"no -o given: wrote {', '.join(map(str, outputs))}", file=sys.stderr)
+    if args.json:  # the result, and where this command wrote the files (the artifacts are the service's copies)
+        written = [str(output.resolve()) for output in outputs]
+        print(json.dumps({**result.model_dump(mode="json"), "output": written[0], "outputs": written}, indent=2))
+        return 0
+    for output, seed in zip(outputs, result.seeds or [result.seed], strict=True):
         print(
-            f"{output}  model={result.model} seed={result.seed} {result.width}x{result.height} "
+            f"{output}  model={result.model} seed={seed} {result.width}x{result.height} "
             f"steps={result.steps} {result.timings.total_s:.2f}s"
         )
     return 0
 
 
-def generate_here(args: argparse.Namespace, settings: Settings, request: dict) -> tuple[GenerationResult, bytes]:
+def output_paths(output: Path, count: int) -> list[Path]:
+    """Where the files go: ``output`` for one, ``<name>_<i><suffix>`` beside it for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+
+
+def generate_here(args: argparse.Namespace, settings: Settings, request: dict) -> tuple[GenerationResult, list[bytes]]:
     parse_request(request, settings.limits)  # out-of-limits input is told before torch and the engine are imported
     quiet_libraries(args)
     from fastgen.artifacts import encode
@@ -163,11 +181,10 @@ def generate_here(args: argparse.Namespace, settings: Settings, request: dict) -
     from fastgen.engine import Engine
 
     generation = Engine(settings, cache=open_cache(settings)).run(request, on_step=ProgressBar())
-    (_, data), *_ = encode(generation)
-    return generation.result, data
+    return generation.result, [data for _, data in encode(generation)]
 
 
-def generate_remote(args: argparse.Namespace, request: dict) -> tuple[GenerationResult, bytes]:
+def generate_remote(args: argparse.Namespace, request: dict) -> tuple[GenerationResult, list[bytes]]:
     from fastgen.client import FastgenClient, ServiceError
 
     bar = ProgressBar()
@@ -178,7 +195,8 @@ def generate_remote(args: argparse.Namespace, request: dict) -> tuple[Generation
             bar.close(status["result"]["steps"] if status["status"] == "succeeded" else None)
             if status["status"] != "succeeded":
                 raise FastgenError(f"job {job['id']} {status['status']}: {status.get('error') or ''}".strip(": "))
-            return GenerationResult.model_validate(status["result"]), client.result_bytes(job["id"])[0]
+            result = GenerationResult.model_validate(status["result"])
+            return result, [client.result_bytes(job["id"], i)[0] for i in range(len(result.artifacts))]
         except ServiceError as exc:
             if exc.detail:
                 raise InvalidRequest([FieldError(d["field"], d["message"]) for d in exc.detail]) from None
@@ -198,6 +216,7 @@ def request_from_args(args: argparse.Namespace) -> dict:
         "num_frames",
         "fps",
         "output_format",
+        "num_images",
     )
     request = {name: getattr(args, name) for name in fields if getattr(args, name) not in (None, "")}
     if args.output is not None and "output_format" not in request:

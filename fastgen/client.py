@@ -78,15 +78,22 @@ class FastgenClient:
                 raise TimeoutError(f"job {job_id} still {status['status']} after {timeout_s}s")
             time.sleep(poll_s)
 
-    def result_bytes(self, job_id: str) -> tuple[bytes, str]:
-        """The result file's bytes and media type."""
-        response = self.http.get(f"/v1/jobs/{job_id}/result")
+    def result_bytes(self, job_id: str, index: int = 0) -> tuple[bytes, str]:
+        """The bytes and media type of the result's file ``index`` (image ``index``; a video is 0)."""
+        response = self.http.get(f"/v1/jobs/{job_id}/result", params={"index": index})
         _raise_for_error(response)
         return response.content, response.headers["content-type"]
 
-    def download(self, job_id: str, path: str | Path) -> Path:
+    def result_zip(self, job_id: str) -> bytes:
+        """Every file of the result and its ``result.json`` as one ZIP archive."""
+        response = self.http.get(f"/v1/jobs/{job_id}/result.zip")
+        _raise_for_error(response)
+        return response.content
+
+    def download(self, job_id: str, path: str | Path, index: int = 0) -> Path:
+        """Stream the result's file ``index`` to ``path``."""
         path = Path(path)
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params={"index": index}) as response:
             if response.is_error:
                 response.read()
                 _raise_for_error(response)

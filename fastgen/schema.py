@@ -33,6 +33,7 @@ UPPER_LIMITS = {
     "steps": "max_steps",
     "guidance": "max_guidance",
     "num_frames": "max_frames",
+    "num_images": "max_images",
 }
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 LORA_NAME_SCHEMA = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # the same rule for tools, ".." included
@@ -95,7 +96,15 @@ class GenerationRequest(Strict):
     height: int | None = Field(None, ge=8, description="Pixels; a multiple of the model's size step")
     steps: int | None = Field(None, ge=1, description="Denoising steps")
     guidance: float | None = Field(None, ge=0.0, description="Classifier-free guidance scale; <= 1 turns it off")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; null picks one and reports it")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Random seed of the first image (image i has seed + i); null picks one and reports it",
+    )
+    num_images: int = Field(
+        1, ge=1, description="Image models only: images to make, each with its own seed (at most FASTGEN_MAX_IMAGES)"
+    )
     num_frames: int | None = Field(None, ge=1, description="Video models only: frames to generate")
     fps: int | None = Field(None, ge=1, le=60, description="Video models only: frames per second of the file")
     output_format: OutputFormat | None = Field(None, description="png/jpeg/webp for images, mp4/gif for video")
@@ -142,6 +151,12 @@ class GenerationRequest(Strict):
         if len({lora.name for lora in v}) != len(v):
             raise PydanticCustomError("duplicate", "lists the same adapter twice")
         return v
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """The seeds of a request's ``count`` images: ``seed`` and the ones after it (past MAX_SEED they wrap to 0), so
+    image i is what a one-image request with seed ``image_seeds(seed, count)[i]`` makes."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
 def parse_request(data: dict[str, Any] | str | bytes | GenerationRequest, limits: Limits) -> GenerationRequest:
@@ -259,6 +274,7 @@ class Artifact(BaseModel):
     sha256: str | None = Field(
         None, description="SHA-256 of the file, hex (null for results stored before checksums were recorded)"
     )
+    seed: int | None = Field(None, description="The seed this image was drawn with (null for a video)")
 
 
 class AccelerationReport(BaseModel):
@@ -284,6 +300,7 @@ class GenerationResult(BaseModel):
     request: GenerationRequest
     model: str
     seed: int
+    seeds: list[int] = Field(default_factory=list, description="Each image's seed, in the artifacts' order")
     width: int
     height: int
     steps: int

@@ -27,6 +27,7 @@ class Limits:
     max_frames: int = 129  # FASTGEN_MAX_FRAMES: frames of one video
     max_prompt_chars: int = 2000  # FASTGEN_MAX_PROMPT_CHARS: prompt and negative prompt each
     max_loras: int = 4  # FASTGEN_MAX_LORAS: adapters on one request
+    max_images: int = 4  # FASTGEN_MAX_IMAGES: images one request may ask for (num_images)
     max_guidance: float = 30.0  # FASTGEN_MAX_GUIDANCE
     max_body_bytes: int = 1024 * 1024  # FASTGEN_MAX_BODY_BYTES: a request body over this is refused (413) unread
 

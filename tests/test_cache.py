@@ -494,6 +494,39 @@ def test_a_repeat_of_a_hit_starts_from_its_own_stored_states_and_a_neighbour_doe
     assert neighbour["similarity"] < 0.999 and neighbour["matched_entry"] != stored and neighbour["k"] == 5, neighbour
 
 
+@pytest.mark.parametrize("model", ["fastgen-shapes", "tiny-pixart"])
+def test_each_image_of_a_request_is_a_request_of_its_own_to_the_cache(engine, tmp_path, model):
+    """Several images miss and store one entry each, as one-image requests with their seeds would; on a hit each
+    resumes from the matched state reseeded to its own seed, as a one-image request with its seed would."""
+    base = {"prompt": CAPTION, **SHAPES} if model == "fastgen-shapes" else small(model, steps=10, prompt=CAPTION)
+    batched = cached_engine(engine, make_cache(tmp_path / "batched", embedder="pipeline"))
+    miss = cache_report(batched.run({**base, "seed": 5, "num_images": 3}))
+    assert miss["hit"] is False and len(miss["stored_entries"]) == 3
+    stored = [batched.cache.store.entry(entry) for entry in miss["stored_entries"]]
+    assert [entry.seed for entry in stored] == [5, 6, 7]
+    solo = cached_engine(engine, make_cache(tmp_path / "solo", embedder="pipeline"))
+    alone = solo.cache.store.entry(cache_report(solo.run({**base, "seed": 6}))["stored_entry"])
+    k = max(alone.marks)
+    state, state_alone = (run.cache.files.read(entry.id, k) for run, entry in ((batched, stored[1]), (solo, alone)))
+    torch.testing.assert_close(state.latents, state_alone.latents, rtol=1e-4, atol=1e-4)
+
+    hit = batched.run({**base, "seed": 20, "num_images": 2})
+    report = cache_report(hit)
+    assert report["hit"] and report["k"] > 0
+    counters = batched.cache.store.counters()
+    assert counters["misses"] == {model: 3} and counters["hits"] == {model: 2}
+    for image, seed in zip(hit.images, (20, 21), strict=True):
+        # Alone: a cache holding only the entry the batch matched.
+        cache = make_cache(tmp_path / f"alone-{seed}", embedder="pipeline")
+        only = cached_engine(engine, cache)
+        matched = batched.cache.store.entry(report["matched_entry"])
+        only.run({**base, "seed": matched.seed})
+        alone_hit = only.run({**base, "seed": seed})
+        assert cache_report(alone_hit)["k"] == report["k"]
+        difference = np.abs(np.asarray(image).astype(int) - pixels(alone_hit)[0].astype(int))
+        assert difference.max() <= 2, (seed, difference.max())
+
+
 def test_reseeding_a_hit_lands_nearer_the_requests_own_image(engine, tmp_path):
     """Repeats with new seeds: the stored state with its starting noise swapped for each request's own."""
     from fastgen.quality import psnr

@@ -40,6 +40,33 @@ def test_generate_writes_an_image_with_progress(settings, tmp_path):
     assert "step 3/3" in run.stderr and "seed=1" in run.stdout
 
 
+def test_several_images_are_written_beside_each_other_each_with_its_seed(settings, tmp_path):
+    out = tmp_path / "cat.png"
+    run = fastgen(
+        "generate",
+        "a red circle",
+        "-n",
+        "2",
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "-s",
+        "2",
+        "--seed",
+        "4",
+        "-o",
+        str(out),
+        data_dir=settings.data_dir,
+    )
+    assert run.returncode == 0, run.stderr
+    written = [tmp_path / "cat_0.png", tmp_path / "cat_1.png"]
+    assert all(Image.open(path).size == (64, 64) for path in written) and not out.exists()
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"{written[0]}  ") and " seed=4 " in lines[0], lines
+    assert lines[1].startswith(f"{written[1]}  ") and " seed=5 " in lines[1], lines
+
+
 def test_generate_writes_a_video(settings, tmp_path):
     out = tmp_path / "clip.mp4"
     run = fastgen(

@@ -16,6 +16,7 @@ LIMITS = Limits(
     max_prompt_chars=100,
     max_loras=2,
     max_guidance=20.0,
+    max_images=3,
 )
 
 
@@ -42,6 +43,8 @@ def rejection(**fields) -> InvalidRequest:
         ({"num_frames": 34}, "num_frames", ["at most 33", "FASTGEN_MAX_FRAMES"]),
         ({"fps": 61}, "fps", ["less than or equal to 60"]),
         ({"seed": -1}, "seed", ["greater than or equal to 0"]),
+        ({"num_images": 4}, "num_images", ["at most 3", "FASTGEN_MAX_IMAGES"]),
+        ({"num_images": 0}, "num_images", ["greater than or equal to 1"]),
         ({"output_format": "bmp"}, "output_format", ["png", "mp4"]),
         ({"loras": [{"name": n} for n in "abc"]}, "loras", ["at most 2", "FASTGEN_MAX_LORAS"]),
         ({"loras": [{"name": "a"}, {"name": "a"}]}, "loras", ["same adapter twice"]),
@@ -94,3 +97,10 @@ def test_schema_carries_the_service_limits():
     ]
     assert "65536 pixels" in schema["description"]
     assert set(GenerationRequest.model_json_schema()["properties"]) == set(props)
+
+
+def test_image_seeds_follow_the_first_and_wrap_past_the_largest():
+    from fastgen.schema import MAX_SEED, image_seeds
+
+    assert image_seeds(7, 3) == [7, 8, 9]
+    assert image_seeds(MAX_SEED, 2) == [MAX_SEED, 0]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from types import SimpleNamespace
 
 import httpx
@@ -72,6 +73,26 @@ def test_submit_poll_download(client):
     data, media_type = client.result_bytes(job["id"])
     assert media_type == "image/png"
     assert Image.open(io.BytesIO(data)).size == (128, 96)
+
+
+def test_several_images_each_served_by_index_and_all_in_one_zip(client):
+    job = client.submit(quick(num_images=3))
+    status = client.wait(job["id"], timeout_s=120)
+    assert status["status"] == "succeeded", status
+    result = status["result"]
+    assert result["seeds"] == [3, 4, 5]
+    assert [(a["name"], a["seed"]) for a in result["artifacts"]] == [(f"image_{i}.png", 3 + i) for i in range(3)]
+    images = [client.result_bytes(job["id"], i)[0] for i in range(3)]
+    assert client.result_bytes(job["id"])[0] == images[0]  # no index: the first
+    assert len(set(images)) == 3 and all(Image.open(io.BytesIO(data)).size == (64, 64) for data in images)
+    with pytest.raises(ServiceError) as info:
+        client.result_bytes(job["id"], 3)
+    assert info.value.status_code == 422 and info.value.detail[0]["field"] == "index"
+    assert "must be 0 to 2" in info.value.detail[0]["message"]
+    with zipfile.ZipFile(io.BytesIO(client.result_zip(job["id"]))) as archive:
+        assert archive.namelist() == ["image_0.png", "image_1.png", "image_2.png", "result.json"]
+        assert [archive.read(f"image_{i}.png") for i in range(3)] == images
+        assert json.loads(archive.read("result.json"))["seeds"] == [3, 4, 5]
 
 
 def test_direct_celery_submission_from_a_process_that_only_has_the_broker_url(service, redis_url, client):
@@ -233,6 +254,8 @@ def test_worker_killed_mid_job_the_job_completes_exactly_once(service, client):
         (json.dumps(quick(guidance=99)), "guidance", "FASTGEN_MAX_GUIDANCE"),
         (json.dumps(quick(prompt="x" * 3000)), "prompt", "FASTGEN_MAX_PROMPT_CHARS"),
         (json.dumps(quick(num_frames=9)), "num_frames", "only video models"),
+        (json.dumps(quick(num_images=5)), "num_images", "at most 4 (FASTGEN_MAX_IMAGES)"),
+        (json.dumps(quick(model="tiny-wan", width=32, height=32, num_images=2)), "num_images", "one video"),
         (json.dumps(quick(width=60)), "width", "multiple of 8"),
         (json.dumps(quick(model="nope")), "model", "not served here"),
         (json.dumps(quick(colour="red")), "colour", "not a known field"),
@@ -289,7 +312,7 @@ def test_approximate_cache_through_the_service(service, client):
         assert status["status"] == "succeeded", status
         (report,) = [a["details"] for a in status["result"]["accelerations"] if a["name"] == "cache"]
         reports.append(report)
-    assert reports[0]["hit"] is False and reports[0]["stored_steps"] == [1, 2, 3]
+    assert reports[0]["hit"] is False and reports[0]["stored_steps"] == [1, 2, 3], reports
     assert reports[1]["hit"] is True and reports[1]["k"] == 3 and reports[1]["steps_saved"] == 3
     assert reports[0]["embedded_at_door"] is True and reports[1]["embedded_at_door"] is True
     metrics = httpx.get(f"{service.api.url}/metrics").text

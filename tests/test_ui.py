@@ -46,7 +46,7 @@ def test_the_ui_package_does_not_import_torch():
 
 
 def test_the_form_leaves_blanks_to_the_model_and_sends_video_fields_only_to_video_models():
-    form = Form("a cat", "", "tiny-sd", 64.0, None, 4.0, 7.5, 3.0, False, 9.0, 8.0, accelerate=(True, True, True))
+    form = Form("a cat", "", "tiny-sd", 64.0, None, 4.0, 7.5, 3.0, False, 2.0, 9.0, 8.0, accelerate=(True, True, True))
     request = form.request({"kind": "image"})
     assert request == {
         "prompt": "a cat",
@@ -56,10 +56,12 @@ def test_the_form_leaves_blanks_to_the_model_and_sends_video_fields_only_to_vide
         "steps": 4,
         "guidance": 7.5,
         "seed": 3,
+        "num_images": 2,
         "accelerate": {"fuse_qkv": True, "cache": {"enabled": True}, "sparse_attention": {"mode": "window"}},
     }
     video = form._replace(random_seed=True, accelerate=(False, False, False)).request({"kind": "video"})
     assert video["seed"] is None and video["num_frames"] == 9 and video["fps"] == 8 and "accelerate" not in video
+    assert "num_images" not in video
     with_loras = form._replace(loras=["ink", "paper"], lora_scale=0.5)
     assert with_loras.request({"kind": "image", "loras": True})["loras"] == [
         {"name": "ink", "scale": 0.5},
@@ -73,18 +75,20 @@ def test_capabilities_decide_the_controls_video_fields_and_usable_accelerations(
     caps["defaults"] = {"width": 64, "height": 32, "steps": 5, "guidance": 2.0, "num_frames": None, "fps": None}
     page = Page("http://127.0.0.1:1")
     controls = page.model_controls(Session({"m": caps}), "m")
-    info, width, height, steps, guidance, video_row, frames, fps, cache, fuse_qkv, sparse, loras = controls
+    info, width, height, steps, guidance, images, video_row, frames, fps, cache, fuse_qkv, sparse, loras = controls
     assert width["value"] == 64 and width["step"] == 16 and video_row["visible"] is False
+    assert images["visible"] is True
     assert (
         fuse_qkv["interactive"] is False and fuse_qkv["value"] is False and "Not available for m" in fuse_qkv["info"]
     )
     assert cache["interactive"] is False and sparse["interactive"] is False
     assert loras["interactive"] is False and loras["value"] == [] and "Not available for m" in loras["info"]
     caps = {**caps, "kind": "video", "frame_multiple": 4, "accelerations": ["fuse_qkv", "sparse_attention"]}
-    *_, video_row, frames, fps, cache, fuse_qkv, sparse, loras = page.model_controls(
+    *_, images, video_row, frames, fps, cache, fuse_qkv, sparse, loras = page.model_controls(
         Session({"m": {**caps, "loras": True}}), "m"
     )
-    assert video_row["visible"] is True and frames["info"] == "4·k + 1" and fuse_qkv["interactive"] is True
+    assert images["visible"] is False and video_row["visible"] is True and frames["info"] == "4·k + 1"
+    assert fuse_qkv["interactive"] is True
     assert cache["interactive"] is False and sparse["interactive"] is True and loras["interactive"] is True
 
 
@@ -229,6 +233,24 @@ def test_type_a_prompt_generate_and_see_the_image(page):
     page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
 
 
+def test_ask_for_three_images_and_see_all_three_each_with_its_seed(page):
+    choose_model(page, "tiny-sd")
+    page.locator("#random input[type=checkbox]").uncheck()
+    set_number(page, "seed", 40)
+    set_number(page, "images", 3)
+    set_number(page, "steps", 4)
+    page.locator("#prompt textarea").fill("three red circles")
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#gallery img')].filter(i => i.complete && i.naturalWidth > 0).length"
+        " === 3",
+        timeout=WAIT_MS,
+    )
+    gallery = page.locator("#gallery").inner_text()
+    assert all(f"three red circles (seed {seed})" in gallery for seed in (40, 41, 42)), gallery
+    assert page.locator("#downloads a").count() == 3
+
+
 def test_pick_a_lora_generate_and_see_it_in_the_metadata(page):
     choose_model(page, "tiny-sd")
     page.locator("#loras input").click()
@@ -243,9 +265,11 @@ def test_pick_a_lora_generate_and_see_it_in_the_metadata(page):
 
 def test_pick_the_video_model_generate_and_see_the_player(page):
     assert not page.locator("#video-controls").is_visible()  # tiny-sd first: no frames or fps
+    assert page.locator("#images").is_visible()
     choose_model(page, "tiny-wan")
     page.locator("#frames input").first.wait_for(state="visible")
     assert page.locator("#frames input").first.input_value() == "17"
+    assert not page.locator("#images").is_visible()  # one video per request
     set_number(page, "frames", 9)
     page.locator("#prompt textarea").fill("a paper boat drifting on a lake")
     page.locator("#generate").click()

@@ -71,6 +71,7 @@ FIELD_PLACES = {
     "steps": ("sampling", "Steps"),
     "guidance": ("sampling", "Guidance"),
     "seed": ("seed", "Seed"),
+    "num_images": ("seed", "Images"),
     "num_frames": ("video", "Frames"),
     "fps": ("video", "Frames per second"),
     "loras": ("loras", "LoRA adapters"),
@@ -119,6 +120,7 @@ class Form(NamedTuple):
     guidance: float | None
     seed: float | None
     random_seed: bool
+    images: float | None
     frames: float | None
     fps: float | None
     loras: tuple[str, ...] | list[str] | None = ()
@@ -134,6 +136,8 @@ class Form(NamedTuple):
         request["seed"] = None if self.random_seed or self.seed is None else int(self.seed)
         if caps.get("kind") == "video":
             request |= _present(num_frames=self.frames, fps=self.fps)
+        else:
+            request |= _present(num_images=self.images)
         if self.loras and caps.get("loras"):
             scale = 1.0 if self.lora_scale is None else float(self.lora_scale)
             request["loras"] = [{"name": name, "scale": scale} for name in self.loras]
@@ -172,7 +176,7 @@ class Page:
         """Defaults and visibility for the chosen model: size step, video fields, usable accelerations."""
         caps = session.models.get(name or "")
         if caps is None:
-            return [gr.update()] * (9 + len(ACCELERATIONS))
+            return [gr.update()] * (10 + len(ACCELERATIONS))
         d, video = caps["defaults"], caps["kind"] == "video"
         step = caps.get("size_multiple") or 8
         frames_info = f"{caps['frame_multiple']}·k + 1" if video and caps.get("frame_multiple") else None
@@ -183,6 +187,7 @@ class Page:
             gr.update(value=d["height"], step=step, info=f"a multiple of {step}"),
             gr.update(value=d["steps"]),
             gr.update(value=d["guidance"]),
+            gr.update(visible=not video),
             gr.update(visible=video),
             gr.update(value=d.get("num_frames"), info=frames_info),
             gr.update(value=d.get("fps") or 8),
@@ -219,7 +224,7 @@ class Page:
         """Read every unfinished job's status; fetch the files of the ones that have succeeded."""
         try:
             ended = [job for job in session.unfinished() if job.update(self.client.status(job.id))]
-            fetched = [self._fetch(job) for job in session.jobs if job.status == "succeeded" and not job.file]
+            fetched = [self._fetch(job) for job in session.jobs if job.status == "succeeded" and not job.files]
         except Exception as exc:  # keep polling: the service may come back
             session.poll_failed = True
             return [session, self.problem(exc), *[gr.skip()] * 7, gr.update(active=True), gr.skip()]
@@ -251,12 +256,15 @@ class Page:
         return [session, "", progress_html(session.latest)]
 
     def _fetch(self, job: Job) -> Job:
-        """Copy the result here through the client, so Gradio serves it and the browser needs no API key."""
-        data, job.media_type = self.client.result_bytes(job.id)
+        """Copy the result's files here through the client, so Gradio serves them and the browser needs no API key."""
         artifacts = (job.result or {}).get("artifacts") or [{"name": "result.bin"}]
-        path = self.files_dir / f"{job.id}-{Path(artifacts[0]['name']).name}"
-        path.write_bytes(data)
-        job.file = str(path)
+        files = []
+        for index, artifact in enumerate(artifacts):
+            data, job.media_type = self.client.result_bytes(job.id, index)
+            path = self.files_dir / f"{job.id}-{Path(artifact['name']).name}"
+            path.write_bytes(data)
+            files.append(str(path))
+        job.files = files
         return job
 
     def _results(self, session: Session) -> list[Any]:
@@ -264,13 +272,9 @@ class Page:
         video = session.latest_video()
         latest = session.latest
         return [
-            [
-                (job.file, f"{job.prompt} (seed {job.result['seed']})")
-                for job in session.with_files()
-                if not job.is_video
-            ],
-            gr.update(value=video.file, visible=True) if video else gr.skip(),
-            [job.file for job in session.with_files()],
+            [caption for job in session.with_files() if not job.is_video for caption in job.captions()],
+            gr.update(value=video.files[0], visible=True) if video else gr.skip(),
+            [file for job in session.with_files() for file in job.files],
             metadata_html(latest),
             latest.result if latest else None,
         ]
@@ -373,6 +377,14 @@ def _form() -> dict[str, Any]:
     with gr.Row():
         f["seed"] = gr.Number(label="Seed", value=0, precision=0, interactive=False, elem_id="seed")
         f["random_seed"] = gr.Checkbox(label="Random seed (reported with the result)", value=True, elem_id="random")
+        f["images"] = gr.Number(
+            label="Images",
+            value=1,
+            precision=0,
+            minimum=1,
+            info="each with its own seed: seed, seed + 1, ...",
+            elem_id="images",
+        )
     area["seed"] = _problem_area("seed")
     with gr.Row(visible=False, elem_id="video-controls") as f["video_row"]:
         f["frames"] = gr.Number(label="Frames", precision=0, elem_id="frames")
@@ -415,14 +427,15 @@ def _results() -> dict[str, Any]:
 
 def _wire(blocks: gr.Blocks, page: Page, session, f: dict[str, Any], r: dict[str, Any], history, timer) -> None:
     quick = {"concurrency_limit": None, "show_progress": "hidden"}  # HTTP calls only: no reason to queue behind others
-    model_outputs = [f["model_info"], f["width"], f["height"], f["steps"], f["guidance"], f["video_row"]]
+    model_outputs = [f["model_info"], f["width"], f["height"], f["steps"], f["guidance"], f["images"], f["video_row"]]
     model_outputs += [f["frames"], f["fps"], *f["accelerate"], f["loras"]]
     loaded = [session, f["model"], f["problem"], f["loras"], f["lora_row"]]
     blocks.load(page.load_models, [session], loaded, **quick)
     f["model"].change(page.model_controls, [session, f["model"]], model_outputs, **quick)
     f["random_seed"].change(None, [f["random_seed"]], [f["seed"]], js=SEED_FOLLOWS_RANDOM, **quick)
     inputs = [session, f["prompt"], f["negative"], f["model"], f["width"], f["height"], f["steps"], f["guidance"]]
-    inputs += [f["seed"], f["random_seed"], f["frames"], f["fps"], f["loras"], f["lora_scale"], *f["accelerate"]]
+    inputs += [f["seed"], f["random_seed"], f["images"], f["frames"], f["fps"], f["loras"], f["lora_scale"]]
+    inputs += f["accelerate"]
     results = [r["gallery"], r["video"], r["downloads"], r["metadata"], r["result"]]
     submitted = [session, f["problem"], r["progress"], history, timer, f["cancel"], *results]
     submitted += [f["problems"][name] for name in PROBLEM_AREAS]

@@ -27,7 +27,7 @@ class Job:
     progress: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
-    file: str | None = None  # local copy of the result, for Gradio to serve
+    files: list[str] = field(default_factory=list)  # local copies of the result's files, for Gradio to serve
     media_type: str | None = None
     cancel_requested: bool = False
 
@@ -43,6 +43,13 @@ class Job:
         self.result = status.get("result")
         self.error = status.get("error")
         return self.done and not was_done
+
+    def captions(self) -> list[tuple[str, str]]:
+        """Each image file with its caption: the prompt and that image's own seed."""
+        result = self.result or {}
+        artifacts = result.get("artifacts", [])
+        seeds = [a.get("seed") for a in artifacts] if len(artifacts) == len(self.files) else [result.get("seed")]
+        return [(file, f"{self.prompt} (seed {seed})") for file, seed in zip(self.files, seeds, strict=True)]
 
     @property
     def is_video(self) -> bool:
@@ -66,7 +73,7 @@ class Session:
         return [job for job in self.jobs if not job.done]
 
     def with_files(self) -> list[Job]:
-        return [job for job in self.jobs if job.file]
+        return [job for job in self.jobs if job.files]
 
     def latest_video(self) -> Job | None:
         return next((job for job in self.with_files() if job.is_video), None)

@@ -50,7 +50,7 @@ from fastgen.jobs import DEFAULT_TENANT
 from fastgen.lora.library import LoraInfo, LoraLibrary, fingerprints
 from fastgen.parallel import layout
 from fastgen.parallel.groups import free_port
-from fastgen.schema import GenerationRequest
+from fastgen.schema import GenerationRequest, image_seeds
 from fastgen.settings import Settings
 from fastgen.workers.app import create_celery, soft_time_limit, start_worker
 from fastgen.workers.tasks import GroupBroken, WorkerContext, register_tasks, time_limit_message
@@ -80,7 +80,12 @@ class CacheDecision:
     def for_helper(self, cache: ApproximateCache, pipe, plan: RunPlan) -> CacheRun:
         """A helper rank's use of it: resume from the same state; capture and store nothing (rank 0 does)."""
         return CacheRun(
-            cache, pipe, plan.model, None, plan.seed, Lookup("", "", np.zeros(0, np.float32), hit=self.hit)
+            cache,
+            pipe,
+            plan.model,
+            None,
+            image_seeds(plan.seed, plan.request.num_images),
+            Lookup("", "", np.zeros(0, np.float32), hit=self.hit),
         )
 
 

@@ -132,6 +132,7 @@ class Engine:
             request=request.model_copy(update={"seed": seed}),
             model=spec.name,
             seed=seed,
+            seeds=resolved.seeds,
             width=request.width,
             height=request.height,
             steps=request.steps,

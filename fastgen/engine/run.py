@@ -14,7 +14,7 @@ from fastgen.engine.monitor import StepMonitor, step_callback
 from fastgen.engine.pool import LoadedPipeline
 from fastgen.lora.library import LoraInfo, LoraLibrary
 from fastgen.models.registry import ModelSpec
-from fastgen.schema import GenerationRequest, GenerationResult, Timings
+from fastgen.schema import GenerationRequest, GenerationResult, Timings, image_seeds
 from fastgen.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,6 +32,10 @@ class ResolvedRequest:
     request: GenerationRequest
     seed: int
     adapters: list[tuple[LoraInfo, float]]
+
+    @property
+    def seeds(self) -> list[int]:
+        return image_seeds(self.seed, self.request.num_images)
 
 
 @dataclass
@@ -59,6 +63,11 @@ class Run:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     changed_mid_run: set[str] = field(default_factory=set)
 
+    @property
+    def seeds(self) -> list[int]:
+        """Each image's seed: the call draws image i's starting noise from its own generator."""
+        return image_seeds(self.seed, self.request.num_images)
+
     def take_part(self, handle) -> None:
         """Let an attached technique's handle take part: skip its ``start_step`` steps of the schedule, add its
         ``call_kwargs`` to the call, hear every step through its ``on_step``."""
@@ -69,7 +78,7 @@ class Run:
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The pipeline call's arguments: the request's, then the techniques'."""
-        kwargs = call_kwargs(self.loaded.pipe, self.loaded.spec, self.request, self.seed, self.monitor)
+        kwargs = call_kwargs(self.loaded.pipe, self.loaded.spec, self.request, self.seeds, self.monitor)
         return kwargs | self.call_kwargs | ({} if self.decode else {"output_type": "latent"})
 
 
@@ -82,24 +91,37 @@ class Generation:
     frames: list[np.ndarray] = field(default_factory=list)  # uint8 HxWx3, video models only
 
 
-def call_kwargs(pipe, spec: ModelSpec, request: GenerationRequest, seed: int, monitor: StepMonitor) -> dict:
-    """The pipeline's own call arguments for this request, keeping only those its ``__call__`` takes."""
+def call_kwargs(pipe, spec: ModelSpec, request: GenerationRequest, seeds: list[int], monitor: StepMonitor) -> dict:
+    """The pipeline's own call arguments for this request, keeping only those its ``__call__`` takes.
+
+    Several images are one batch of the same prompt, each drawing its starting noise from its own seeded generator
+    (diffusers draws sample i from ``generator[i]``): image i starts exactly where a one-image request with its seed
+    does."""
     accepted = inspect.signature(pipe.__call__).parameters
+    # A CPU generator makes the starting noise the same on every device.
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    count = len(seeds)
     wanted = {
-        "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt or None,
+        "prompt": per_image(request.prompt, count),
+        "negative_prompt": per_image(request.negative_prompt, count) if request.negative_prompt else None,
         "width": request.width,
         "height": request.height,
         "num_inference_steps": request.steps,
         "guidance_scale": request.guidance,
         "num_frames": request.num_frames,
-        # A CPU generator makes the starting noise the same on every device.
-        "generator": torch.Generator("cpu").manual_seed(seed),
+        "generator": per_image(generators, count),
         "output_type": "np" if spec.kind == "video" else "pil",
         **step_callback(accepted, monitor, type(pipe).__name__),
         **spec.call_kwargs,
     }
     return {name: value for name, value in wanted.items() if name in accepted and value is not None}
+
+
+def per_image(value, count: int):
+    """One image: the value as a one-image call takes it; several: one per image (a list stays the list)."""
+    if count == 1:
+        return value[0] if isinstance(value, list) else value
+    return value if isinstance(value, list) else [value] * count
 
 
 def run_timings(started: float, load_s: float, monitor: StepMonitor, finished: float) -> Timings:

@@ -195,6 +195,8 @@ class ModelSpec:
                 unusable.append(FieldError("output_format", f"must be one of {', '.join(IMAGE_FORMATS)} for images"))
             return unusable
         errors = []
+        if r.num_images > 1:
+            errors.append(FieldError("num_images", f"{self.name!r} makes one video per request; got {r.num_images}"))
         if (r.num_frames - 1) % self.frame_multiple:
             errors.append(
                 FieldError(
