@@ -20,13 +20,11 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import numpy as np
-import torch
 
 from fastgen.cache import resume
 from fastgen.cache.embedder import Embedder, PipelineEmbedder, PromptEmbedding, load_sentence_embedder
@@ -382,22 +380,16 @@ class CacheRun:
         hit = self.hit
         return self.cache.config.policy.stores_after_hit(hit.similarity) and len(hit.entry.lineage) < MAX_LINEAGE
 
-    def resume(self) -> tuple[Callable[[], None], dict[str, Any]]:
-        """Attach the resume (on a hit); returns the function that detaches it and the call's extra kwargs."""
+    def start_states(self) -> list[resume.State]:
+        """On a hit, each image's state to resume from: the matched one, reseeded to the image's seed where the policy
+        says so; nothing on a miss."""
         if self.hit is None:
-            return (lambda: None), {}
+            return []
         stored, reseed = self.hit.state, self.cache.config.policy.reseed
-        states = [
+        return [
             resume.reseed(stored, self.pipe.scheduler, self.hit.entry.seed, seed) if reseed else stored
             for seed in self.seeds
         ]
-        handle, kwargs = resume.apply(self.pipe, resume.stack(states))
-        return handle.remove, kwargs
-
-    def on_step(self, step: int, latents: torch.Tensor | None) -> None:
-        """From the step callback: ``step`` steps of the full schedule are done."""
-        if step in self.marks and latents is not None:
-            self.captured.append(resume.capture(self.pipe.scheduler, latents, step, self.request.steps))
 
     def finish(self) -> dict[str, Any]:
         """After a completed run: store what was captured, count, and report."""

@@ -285,6 +285,17 @@ class AccelerationReport(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class BatchReport(BaseModel):
+    """How a request shared its pipeline call with others (request batching in the worker)."""
+
+    jobs: int = Field(description="Requests in the call, this one included")
+    images: int = Field(description="Images the call drew for all of them")
+    others: list[str] = Field(description="The other requests' job ids")
+    shared: dict[str, Any] = Field(
+        description="What decided the batch: the settings every request of the call had in common, with their values"
+    )
+
+
 class Timings(BaseModel):
     load_s: float = 0.0
     denoise_s: float = 0.0
@@ -310,4 +321,5 @@ class GenerationResult(BaseModel):
     artifacts: list[Artifact] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)
     accelerations: list[AccelerationReport] = Field(default_factory=list)
+    batch: BatchReport | None = Field(None, description="The others this request ran with in one call; null: alone")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

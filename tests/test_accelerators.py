@@ -11,7 +11,7 @@ from conftest import small
 
 from fastgen.accelerators import ACCELERATORS, Accelerator, accelerators, attach, fuse_qkv
 from fastgen.accelerators.fuse_qkv import FuseQKVConfig, apply, denoiser
-from fastgen.engine import Run, StepMonitor
+from fastgen.engine import Member, Run, StepMonitor
 from fastgen.techniques import TECHNIQUES, Technique
 
 
@@ -55,9 +55,7 @@ def run_of(engine, request: dict) -> Run:
     resolved = engine.resolve(request)
     loaded, _ = engine.pool.get(resolved.spec)
     monitor = StepMonitor(resolved.request.steps, None, None)
-    return Run(
-        loaded, resolved.request, resolved.seed, "t", monitor, resolved.adapters, engine.settings, library=engine.loras
-    )
+    return Run(loaded, [Member(resolved)], monitor, engine.settings, library=engine.loras)
 
 
 def refuse(pipe, config, run):

@@ -11,6 +11,7 @@ from conftest import small
 from diffusers import DiffusionPipeline
 
 from fastgen.artifacts import encode_video
+from fastgen.engine import Member
 from fastgen.errors import Cancelled, InvalidRequest
 from fastgen.models.builtin import BUILDERS
 
@@ -93,7 +94,7 @@ def test_builtin_round_trips_through_save_pretrained(engine, tmp_path, name):
     from fastgen.engine import StepMonitor, call_kwargs
 
     spec, request = engine.prepare(small(name))
-    outputs = [pipe(**call_kwargs(pipe, spec, request, 7, StepMonitor(4, None, None))) for pipe in (built, loaded)]
+    outputs = [pipe(**call_kwargs(pipe, spec, request, [7], StepMonitor(4, None, None))) for pipe in (built, loaded)]
     arrays = [
         np.asarray(out.frames[0] if spec.kind == "video" else out.images[0], dtype=np.float32) for out in outputs
     ]
@@ -163,3 +164,63 @@ def test_model_is_loaded_once_per_engine(engine):
 def test_invalid_request_fails_before_loading(engine):
     with pytest.raises(InvalidRequest, match="steps: must be at most"):
         engine.run(small(steps=10_000))
+
+
+# --- several requests in one pipeline call (request batching) ---
+
+
+def member(engine, request: dict, **fields) -> Member:
+    return Member(engine.resolve(request), **fields)
+
+
+@pytest.mark.parametrize("model", ["fastgen-shapes", "tiny-sd", "tiny-pixart"])
+def test_batched_requests_each_get_the_image_they_get_alone(engine, model):
+    base = {"model": model} if model == "fastgen-shapes" else small(model)
+    requests = [
+        {**base, "prompt": "a red circle", "seed": 1},
+        {**base, "prompt": "a blue square", "negative_prompt": "blurry", "seed": 2, "num_images": 2},
+        {**base, "prompt": "a green triangle", "seed": 3},
+    ]
+    members = [member(engine, request, result_id=f"job-{i}") for i, request in enumerate(requests)]
+    batched = engine.run_members(members)
+    for i, (request, generation) in enumerate(zip(requests, batched, strict=True)):
+        alone = engine.run(request)
+        assert generation.result.id == f"job-{i}" and generation.result.seeds == alone.result.seeds
+        assert len(generation.images) == len(alone.images) == request.get("num_images", 1)
+        difference = np.abs(pixels(generation).astype(int) - pixels(alone).astype(int))
+        assert difference.max() <= IMAGE_TOLERANCE, (i, difference.max())
+        batch = generation.result.batch
+        others = sorted({"job-0", "job-1", "job-2"} - {f"job-{i}"})
+        assert batch.jobs == 3 and batch.images == 4 and sorted(batch.others) == others
+        assert batch.shared["steps"] == alone.result.steps and batch.shared["cache_start_step"] == 0
+        assert alone.result.batch is None
+
+
+def test_a_member_cancelled_mid_batch_is_told_at_once_and_the_others_finish(engine):
+    cancel = threading.Event()
+    told = []
+    steps = []
+
+    def on_step(progress):
+        steps.append(progress.step)
+        if progress.step == 2:
+            cancel.set()
+
+    first = member(engine, small(steps=6, seed=1), on_step=on_step, cancel=cancel, on_cancelled=told.append)
+    second = member(engine, small(steps=6, seed=2), on_step=lambda p: steps.append(-p.step))
+    stopped, finished = engine.run_members([first, second])
+    assert isinstance(stopped, Cancelled) and stopped.step == 2 and told == [stopped]
+    assert -6 in steps and 3 not in steps  # the other ran to the end; the cancelled one heard no more steps
+    assert np.abs(pixels(finished).astype(int) - pixels(engine.run(small(steps=6, seed=2))).astype(int)).max() <= 2
+
+
+def test_a_batch_whose_members_are_all_cancelled_stops(engine):
+    flag = threading.Event()
+    flag.set()
+    outcomes = engine.run_members([member(engine, small(seed=s), cancel=flag) for s in (1, 2)])
+    assert all(isinstance(outcome, Cancelled) and outcome.step == 0 for outcome in outcomes)
+
+
+def test_requests_that_differ_in_a_shared_setting_are_not_run_together(engine):
+    with pytest.raises(ValueError, match="batch key"):
+        engine.run_members([member(engine, small(steps=3)), member(engine, small(steps=4))])

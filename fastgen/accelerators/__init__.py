@@ -6,7 +6,8 @@ never had it. ``from_run(run)`` gives the config a run asks for, or None when it
 technique. A handle may also take part in the run: ``start_step`` (the steps it lets the run skip:
 the cache's resume), ``call_kwargs`` (arguments it adds to the pipeline call) and ``on_step(step,
 latents)`` (called after every step). ``report()`` is called once after a completed call; a
-technique that keeps something from the run does so there (the cache stores its states).
+technique that keeps something from the run does so there (the cache stores its states). It says
+what it did as one dict, or as a list of one per member of the run (several requests batched).
 
 Accelerators are the technique table's rows that name a module to ``attach`` (``fastgen.techniques``),
 in its order: the cache decides the start step before LoRAs are switched on, and those that swap
@@ -79,11 +80,18 @@ class AttachedAccelerators:
         if errors:
             raise errors[0]
 
-    def reports(self) -> list[AccelerationReport]:
-        return [
-            AccelerationReport(name=acc.name, config=asdict(config), details=handle.report())
-            for acc, config, handle in self.attached
-        ]
+    def reports(self, members: int = 1) -> list[list[AccelerationReport]]:
+        """Each member's reports, in the table's order. A handle's ``report()`` is one dict for every member, or a
+        list with one per member (None where the technique did nothing for that member)."""
+        per_member: list[list[AccelerationReport]] = [[] for _ in range(members)]
+        for accelerator, config, handle in self.attached:
+            report = handle.report()
+            for reports, details in zip(
+                per_member, report if isinstance(report, list) else [report] * members, strict=True
+            ):
+                if details is not None:
+                    reports.append(AccelerationReport(name=accelerator.name, config=asdict(config), details=details))
+        return per_member
 
 
 def attach(pipe, run: Run, table: tuple[Accelerator, ...] = ACCELERATORS) -> AttachedAccelerators:

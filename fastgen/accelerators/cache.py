@@ -1,8 +1,9 @@
-"""The approximate noise-state cache attached to one run: look the prompt up, start after the matched state's steps,
-capture this run's states as it denoises, store them when it completes.
+"""The approximate noise-state cache attached to one run: start after the matched states' steps, capture each
+member's states as the run denoises, store them when it completes.
 
 Nirvana (Agarwal et al., "Approximate Caching for Efficiently Serving Text-to-Image Diffusion Models", NSDI 2024);
-the cache itself (index, policy, stores, exact resume) is ``fastgen.cache``.
+the cache itself (index, policy, stores, exact resume) is ``fastgen.cache``. Each member of the run was looked up
+when the engine built it (``Member.cached``); the engine puts members with the same start step in one run.
 """
 
 from __future__ import annotations
@@ -10,52 +11,70 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fastgen.lora.library import fingerprints
+from fastgen.cache import resume
 
 if TYPE_CHECKING:
     import torch
 
-    from fastgen.cache.approximate import CacheRun
     from fastgen.engine.run import Run
 
 
 @dataclass(frozen=True)
 class CacheUse:
-    """What the request asked of the cache (the service's cache decides the rest)."""
-
-    min_similarity: float | None = None
+    """No knobs of its own: each member's lookup decided what the cache does for it."""
 
 
 def from_run(run: Run) -> CacheUse | None:
-    """On when the engine has a cache and the request, or the service's default, turns it on."""
-    if run.cache is None or not run.cache.enabled_for(run.request):
-        return None
-    return CacheUse(run.request.accelerate.cache.min_similarity)
+    """On when some member of the run uses the cache."""
+    return CacheUse() if any(member.cached for member in run.members) else None
 
 
 def apply(pipe, config: CacheUse, run: Run) -> CachedRun:
-    """Look the run up; on a hit the pipeline resumes from the stored state (``start_step`` steps later)."""
-    loras = fingerprints(run.adapters)
-    cached = run.cache.begin(pipe, run.loaded.spec.name, run.request, run.seed, run.tenant, loras, run.embedded)
-    detach, kwargs = cached.resume()
-    return CachedRun(cached, detach, kwargs, run)
+    """On a hit, the pipeline resumes from the members' stored states (``start_step`` steps later), stacked image
+    after image."""
+    starts = {member.start_step for member in run.members}
+    if len(starts) != 1:
+        raise ValueError(f"the members of one run must start at the same step, got {sorted(starts)}")
+    states = [state for member in run.members if member.cached for state in member.cached.start_states()]
+    if not states:
+        return CachedRun(run, lambda: None, {}, 0)
+    handle, kwargs = resume.apply(pipe, resume.stack(states))
+    return CachedRun(run, handle.remove, kwargs, starts.pop())
 
 
 class CachedRun:
-    """The cache's handle: ``start_step`` and ``call_kwargs`` resume a hit, ``on_step`` captures states, ``report``
-    stores them after a completed run (unless a technique changed the denoiser mid-run: they are not this prompt's)."""
+    """The cache's handle: ``start_step`` and ``call_kwargs`` resume a hit, ``on_step`` captures each member's states
+    at its marks, ``report`` stores them after a completed run, one report per member (unless a technique changed
+    the denoiser mid-run: the states are not the prompts' own then; nor for a member that was cancelled)."""
 
-    def __init__(self, cached: CacheRun, detach, call_kwargs: dict[str, Any], run: Run):
-        self.cached, self.detach, self.call_kwargs, self.run = cached, detach, call_kwargs, run
-        self.start_step = cached.skipped
+    def __init__(self, run: Run, detach, call_kwargs: dict[str, Any], start_step: int):
+        self.run, self.detach, self.call_kwargs, self.start_step = run, detach, call_kwargs, start_step
 
     def on_step(self, step: int, latents: torch.Tensor | None) -> None:
-        self.cached.on_step(step, latents)
+        members = self.run.members
+        wanted = [member.cached is not None and step in member.cached.marks for member in members]
+        if latents is None or not any(wanted):
+            return
+        scheduler = self.run.loaded.pipe.scheduler
+        images = resume.split(resume.capture(scheduler, latents, step, self.run.request.steps), len(self.run.seeds))
+        first = 0
+        for member, wants in zip(members, wanted, strict=True):
+            count = len(member.seeds)
+            if wants:
+                member.cached.captured.append(resume.stack(images[first : first + count]))
+            first += count
 
     def remove(self) -> None:
         self.detach()
 
-    def report(self) -> dict[str, Any]:
-        if self.run.changed_mid_run:
-            self.cached.captured.clear()
-        return self.cached.finish()
+    def report(self) -> list[dict[str, Any] | None]:
+        reports = []
+        for member in self.run.members:
+            cached = member.cached
+            if cached is None or member.cancelled is not None:
+                reports.append(None)
+                continue
+            if self.run.changed_mid_run:
+                cached.captured.clear()
+            reports.append(cached.finish())
+        return reports

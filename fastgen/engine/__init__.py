@@ -10,6 +10,7 @@ one place where progress is reported and cancellation is honoured (between denoi
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -18,17 +19,19 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from fastgen.accelerators import ACCELERATORS, Accelerator, attach
+from fastgen.engine.batch import Member, MemberFlags, batch_key, batch_report
 from fastgen.engine.monitor import CancelFlag, Progress, StepCallback, StepMonitor
 from fastgen.engine.pool import LoadedPipeline, PipelinePool, resolve_device, resolve_dtype
 from fastgen.engine.run import Generation, ResolvedRequest, Run, call_kwargs, generation_of, run_timings, to_uint8
+from fastgen.errors import Cancelled
 from fastgen.jobs import DEFAULT_TENANT
-from fastgen.lora.library import LoraInfo, LoraLibrary
+from fastgen.lora.library import LoraInfo, LoraLibrary, fingerprints
 from fastgen.models.registry import ModelRegistry, ModelSpec
-from fastgen.schema import AccelerationReport, GenerationRequest, GenerationResult, parse_request
+from fastgen.schema import AccelerationReport, BatchReport, GenerationRequest, GenerationResult, parse_request
 from fastgen.settings import Settings
 
 if TYPE_CHECKING:
-    from fastgen.cache.approximate import ApproximateCache
+    from fastgen.cache.approximate import ApproximateCache, CacheRun
     from fastgen.cache.embedder import PromptEmbedding
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "Engine",
     "Generation",
     "LoadedPipeline",
+    "Member",
     "PipelinePool",
     "Progress",
     "ResolvedRequest",
@@ -117,43 +121,126 @@ class Engine:
 
         Nothing is validated or decided again: the ranks of a multi-device worker run rank 0's plan this way.
         """
-        started = time.perf_counter() if started is None else started
-        spec, request, seed = resolved.spec, resolved.request, resolved.seed
-        loaded, load_s = self.pool.get(spec)
-        monitor = StepMonitor(request.steps, on_step, cancel)
-        monitor.check_cancel()
-        run = Run(loaded, request, seed, tenant, monitor, resolved.adapters, self.settings, self.cache, self.loras)
-        run.decode, run.embedded = decode, embedded
+        member = Member(resolved, result_id or uuid.uuid4().hex, tenant, on_step, cancel, embedded)
+        member.started = time.perf_counter() if started is None else started
+        if member.cancel_requested():
+            raise Cancelled(0, resolved.request.steps)
+        (outcome,) = self.run_members([member], decode)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def run_members(self, members: list[Member], decode: bool = True) -> list[Generation | BaseException]:
+        """Run resolved requests that share a batch key (``fastgen.engine.batch``) together: one pipeline call per
+        approximate-cache start step among them. Each gets its Generation, or what stopped it (Cancelled)."""
+        keys = {json.dumps(batch_key(m.request), sort_keys=True) for m in members}
+        loras = {fingerprints(m.resolved.adapters) for m in members}
+        if len(keys) > 1 or len(loras) > 1:
+            raise ValueError("the requests of one batch must share their batch key and LoRA files")
+        loaded, load_s = self.pool.get(members[0].resolved.spec)
+        outcomes: dict[int, Generation | BaseException] = {}
         with loaded.lock:
-            output, reports = self._generate(run)
+            for member in members:
+                member.cached = self._look_up(loaded, member)
+            for start in sorted({member.start_step for member in members}):
+                group = [member for member in members if member.start_step == start]
+                for member, outcome in zip(group, self._run_together(loaded, load_s, group, decode), strict=True):
+                    outcomes[id(member)] = outcome
+        return [outcomes[id(member)] for member in members]
+
+    def _look_up(self, loaded: LoadedPipeline, member: Member) -> CacheRun | None:
+        """The member's approximate-cache lookup (a hit says where it starts), or None when it does not use it."""
+        if self.cache is None or not self.cache.enabled_for(member.request):
+            return None
+        resolved, pipe = member.resolved, loaded.pipe
+        loras = fingerprints(resolved.adapters)
+        return self.cache.begin(
+            pipe, resolved.spec.name, resolved.request, resolved.seed, member.tenant, loras, member.embedded
+        )
+
+    def _run_together(
+        self, loaded: LoadedPipeline, load_s: float, members: list[Member], decode: bool
+    ) -> list[Generation | BaseException]:
+        """One pipeline call for ``members`` (one start step); a cancelled member's images are dropped."""
+        live = [member for member in members if not member.cancel_requested()]
+        outcomes: dict[int, Generation | BaseException] = {
+            id(m): Cancelled(0, m.request.steps) for m in members if m not in live
+        }
+        if live:
+            try:
+                generations = self._call(loaded, load_s, live, decode)
+            except Cancelled as exc:  # every member was cancelled (one alone: its own flag)
+                generations = [m.cancelled or exc for m in live]
+            outcomes |= {id(m): generation for m, generation in zip(live, generations, strict=True)}
+        return [outcomes[id(member)] for member in members]
+
+    def _call(
+        self, loaded: LoadedPipeline, load_s: float, members: list[Member], decode: bool
+    ) -> list[Generation | BaseException]:
+        request = members[0].request
+        if len(members) == 1:
+            monitor = StepMonitor(request.steps, members[0].on_step, members[0].cancel)
+        else:
+            flags = MemberFlags(members)
+            monitor = StepMonitor(request.steps, flags.on_step, flags)
+        run = Run(loaded, members, monitor, self.settings, self.cache, self.loras, decode)
+        output, reports = self._generate(run)
         finished = time.perf_counter()
-        result = GenerationResult(
-            id=result_id or uuid.uuid4().hex,
+        images = list(output.images) if decode and loaded.spec.kind == "image" else []
+        generations: list[Generation | BaseException] = []
+        first = 0
+        for member, member_reports in zip(members, reports, strict=True):
+            count = len(member.seeds)
+            if member.cancelled is not None:
+                generations.append(member.cancelled)
+            else:
+                result = self._result(member, monitor, load_s, finished, member_reports, batch_report(member, members))
+                if not decode:
+                    generations.append(Generation(result))
+                elif loaded.spec.kind == "video":
+                    generations.append(generation_of(result, loaded.spec, output))
+                else:
+                    generations.append(Generation(result, images=images[first : first + count]))
+            first += count
+        return generations
+
+    def _result(
+        self,
+        member: Member,
+        monitor: StepMonitor,
+        load_s: float,
+        finished: float,
+        reports: list[AccelerationReport],
+        batch: BatchReport | None,
+    ) -> GenerationResult:
+        request, seed, spec = member.request, member.resolved.seed, member.resolved.spec
+        return GenerationResult(
+            id=member.result_id,
             request=request.model_copy(update={"seed": seed}),
             model=spec.name,
             seed=seed,
-            seeds=resolved.seeds,
+            seeds=member.seeds,
             width=request.width,
             height=request.height,
             steps=request.steps,
             num_frames=request.num_frames,
             output_format=request.output_format,
             device=str(self.device),
-            timings=run_timings(started, load_s, monitor, finished),
+            timings=run_timings(member.started, load_s, monitor, finished),
             accelerations=reports,
+            batch=batch,
         )
-        return generation_of(result, spec, output) if decode else Generation(result)
 
     def adapters(self, request: GenerationRequest) -> list[tuple[LoraInfo, float]]:
         """The request's LoRAs from the library, with their scales; LoraError names an unusable one."""
         return [(self.loras.get(lora.name, f"loras[{i}]"), lora.scale) for i, lora in enumerate(request.loras)]
 
-    def _generate(self, run: Run) -> tuple[Any, list[AccelerationReport]]:
-        """Attach the techniques the run uses (in the table's order), call the pipeline, collect their reports;
+    def _generate(self, run: Run) -> tuple[Any, list[list[AccelerationReport]]]:
+        """Attach the techniques the run uses (in the table's order), call the pipeline, collect each member's reports;
         whatever happens, each is taken off again in the reverse order."""
         with ExitStack() as attached_here:
             attached = attach(run.loaded.pipe, run, self.accelerators)
             attached_here.callback(attached.remove)
             run.monitor.start = time.perf_counter()
             output = run.loaded.pipe(**run.pipeline_kwargs())
-            return output, attached.reports()
+            return output, attached.reports(len(run.members))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from fastgen.settings import Settings
 
 if TYPE_CHECKING:
     from fastgen.cache.approximate import ApproximateCache
-    from fastgen.cache.embedder import PromptEmbedding
+    from fastgen.engine.batch import Member
 
 
 @dataclass(frozen=True)
@@ -40,33 +41,45 @@ class ResolvedRequest:
 
 @dataclass
 class Run:
-    """One pipeline call, built once by ``Engine.run_resolved``: the request with its model's defaults, the seed, the
-    LoRAs from the library, the tenant and prompt vector the cache looks up by, the step monitor, and the service's
-    settings and stores the techniques attach with (``fastgen.accelerators``). One request per call today; request
-    batching will make it hold several.
+    """One pipeline call, built once by the engine: its members (one request each, several when requests are batched:
+    ``fastgen.engine.batch``), the step monitor, and the service's settings and stores the techniques attach with
+    (``fastgen.accelerators``). The members share everything but their prompts, seeds, results and flags, so the
+    shared request fields are the first member's (``request``).
 
     What the attached techniques give the run collects here: ``call_kwargs`` for the pipeline call, the monitor's
     start step and step hooks, and ``changed_mid_run``: the techniques that changed the denoiser after its first step
     (the states such a run passes through are not the request's own, so the cache does not keep them)."""
 
     loaded: LoadedPipeline
-    request: GenerationRequest
-    seed: int
-    tenant: str
+    members: list[Member]
     monitor: StepMonitor
-    adapters: list[tuple[LoraInfo, float]]
     settings: Settings
     cache: ApproximateCache | None = None
     library: LoraLibrary | None = None
     decode: bool = True  # False: stop at the latents (the helper ranks of a multi-device worker)
-    embedded: PromptEmbedding | None = None
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     changed_mid_run: set[str] = field(default_factory=set)
 
     @property
+    def request(self) -> GenerationRequest:
+        return self.members[0].request
+
+    @property
+    def seed(self) -> int:
+        return self.members[0].resolved.seed
+
+    @property
+    def adapters(self) -> list[tuple[LoraInfo, float]]:
+        return self.members[0].resolved.adapters
+
+    @property
     def seeds(self) -> list[int]:
-        """Each image's seed: the call draws image i's starting noise from its own generator."""
-        return image_seeds(self.seed, self.request.num_images)
+        """Every image's seed, member after member: the call draws image i's starting noise from its own generator."""
+        return [seed for member in self.members for seed in member.seeds]
+
+    def per_image(self, value: Callable[[GenerationRequest], Any]) -> list[Any]:
+        """``value`` of each image's member's request, image after image."""
+        return [value(member.request) for member in self.members for _ in member.seeds]
 
     def take_part(self, handle) -> None:
         """Let an attached technique's handle take part: skip its ``start_step`` steps of the schedule, add its
@@ -77,8 +90,9 @@ class Run:
             self.monitor.hooks.append(handle.on_step)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        """The pipeline call's arguments: the request's, then the techniques'."""
-        kwargs = call_kwargs(self.loaded.pipe, self.loaded.spec, self.request, self.seeds, self.monitor)
+        """The pipeline call's arguments: the requests', then the techniques'."""
+        prompts = self.per_image(lambda r: r.prompt), self.per_image(lambda r: r.negative_prompt)
+        kwargs = call_kwargs(self.loaded.pipe, self.loaded.spec, self.request, self.seeds, self.monitor, *prompts)
         return kwargs | self.call_kwargs | ({} if self.decode else {"output_type": "latent"})
 
 
@@ -91,19 +105,29 @@ class Generation:
     frames: list[np.ndarray] = field(default_factory=list)  # uint8 HxWx3, video models only
 
 
-def call_kwargs(pipe, spec: ModelSpec, request: GenerationRequest, seeds: list[int], monitor: StepMonitor) -> dict:
+def call_kwargs(
+    pipe,
+    spec: ModelSpec,
+    request: GenerationRequest,
+    seeds: list[int],
+    monitor: StepMonitor,
+    prompts: list[str] | None = None,
+    negatives: list[str] | None = None,
+) -> dict:
     """The pipeline's own call arguments for this request, keeping only those its ``__call__`` takes.
 
-    Several images are one batch of the same prompt, each drawing its starting noise from its own seeded generator
-    (diffusers draws sample i from ``generator[i]``): image i starts exactly where a one-image request with its seed
-    does."""
+    Several images are one batch, image i with its own prompt and negative prompt (default: the request's) and
+    drawing its starting noise from its own seeded generator (diffusers draws sample i from ``generator[i]``): image
+    i starts exactly where a one-image request with its seed does."""
     accepted = inspect.signature(pipe.__call__).parameters
     # A CPU generator makes the starting noise the same on every device.
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     count = len(seeds)
+    prompts = prompts or [request.prompt] * count
+    negatives = negatives or [request.negative_prompt] * count
     wanted = {
-        "prompt": per_image(request.prompt, count),
-        "negative_prompt": per_image(request.negative_prompt, count) if request.negative_prompt else None,
+        "prompt": per_image(prompts, count),
+        "negative_prompt": per_image(negatives, count) if any(negatives) else None,
         "width": request.width,
         "height": request.height,
         "num_inference_steps": request.steps,
