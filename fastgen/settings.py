@@ -72,6 +72,8 @@ class Settings:
     lora_slots: int = 8  # FASTGEN_LORA_SLOTS: adapters kept resident per pipeline (least recently used replaced)
     lora_host_bytes: int = 4 * 1024**3  # FASTGEN_LORA_HOST_BYTES: library adapters pre-read into host memory
     lora_apply_by_step: int = 0  # FASTGEN_LORA_APPLY_BY_STEP: >0 starts denoising while a LoRA loads (off: 0)
+    batch_max: int = 4  # FASTGEN_BATCH_MAX: compatible queued jobs a worker runs in one pipeline call (1: off)
+    batch_wait_ms: int = 0  # FASTGEN_BATCH_WAIT_MS: how long a job with nothing queued behind it waits for company
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -101,6 +103,11 @@ class Settings:
         if self.job_timeout_s <= 0:
             raise ValueError(f"FASTGEN_JOB_TIMEOUT_S must be positive, got {self.job_timeout_s}")
         self.tenants_by_key  # noqa: B018 -- a malformed key list fails at start-up, not on the first request
+        if self.batch_max < 1 or self.batch_wait_ms < 0:
+            raise ValueError(
+                f"FASTGEN_BATCH_MAX must be at least 1 and FASTGEN_BATCH_WAIT_MS 0 or more, got {self.batch_max}"
+                f" and {self.batch_wait_ms}"
+            )
         if self.devices < 1:
             raise ValueError(f"FASTGEN_DEVICES must be at least 1, got {self.devices}")
         if self.parallel_mode not in PATCH_MODES:

@@ -566,6 +566,9 @@ class GroupWorkerContext(WorkerContext):
         self.engine = engine  # overrides the cached single-device engine
         self.group = group
 
+    def batches(self) -> bool:
+        return False  # every rank runs rank 0's plan of one job
+
     def run(
         self,
         payload: dict,

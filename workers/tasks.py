@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextlib import ExitStack
 from functools import cached_property
 from typing import NoReturn
 
@@ -25,10 +26,11 @@ from celery.worker.request import Request
 from fastgen.artifacts import ArtifactStore
 from fastgen.cache import open_cache
 from fastgen.cache.embedder import PromptEmbedding
-from fastgen.engine import CancelFlag, Engine, Generation, Progress, StepCallback
+from fastgen.engine import CancelFlag, Engine, Generation, Member, Progress, ResolvedRequest, StepCallback
 from fastgen.errors import Cancelled, FastgenError
 from fastgen.jobs import DEFAULT_TENANT, JobStore, open_job_store
 from fastgen.settings import Settings
+from fastgen.workers import batching
 from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,72 @@ class WorkerContext:
         return self.engine.run(
             payload, on_step=on_step, cancel=cancel, result_id=result_id, tenant=tenant, embedded=embedded
         )
+
+    def batches(self) -> bool:
+        """Whether a job takes compatible queued jobs into its call (``fastgen.workers.batching``)."""
+        return self.settings.batch_max > 1
+
+    def run_batched(
+        self,
+        task: Task,
+        payload: dict,
+        on_step: StepCallback,
+        cancel: CancelFlag,
+        tenant: str,
+        embedded: PromptEmbedding | None = None,
+    ) -> Generation:
+        """The running job's generation, computed in one call with the compatible jobs at the head of its queue; each
+        of those ends on its own (result, failure or cancel) as soon as the call is done."""
+        resolved = self.engine.resolve(payload)  # a job that cannot run fails alone, before it takes any company
+        lead = Member(resolved, task.request.id, tenant, on_step, cancel, embedded)
+        lead.on_cancelled = lead_cancelled(task, self.jobs)
+        with ExitStack() as stack:
+            taken = self._gather(task, resolved, stack)
+            members = [
+                lead,
+                *(self._member(companion, companion_resolved, stack) for companion, companion_resolved in taken),
+            ]
+            try:
+                outcomes = self.engine.run_members(members)
+            except BaseException as exc:  # the call failed: every job in it failed
+                for companion, _ in taken:
+                    companion.failed(failure_message(exc, self.settings) if isinstance(exc, Exception) else repr(exc))
+                raise
+            for (companion, _), outcome in zip(taken, outcomes[1:], strict=True):
+                self._end(companion, outcome)
+        if isinstance(outcomes[0], BaseException):
+            raise outcomes[0]
+        return outcomes[0]
+
+    def _gather(self, task: Task, lead: ResolvedRequest, stack: ExitStack) -> list:
+        queue = (task.request.delivery_info or {}).get("routing_key")
+        if not queue:  # not from a queue (run eagerly): nothing to take
+            return []
+        connection = stack.enter_context(task.app.connection_for_read())
+        wait_s, most = self.settings.batch_wait_ms / 1000, self.settings.batch_max
+        return stack.enter_context(
+            batching.gathered(connection, queue, self.engine, lead, self.jobs, task.backend, most, wait_s)
+        )
+
+    def _member(self, companion: batching.Companion, resolved: ResolvedRequest, stack: ExitStack) -> Member:
+        """A taken job as a member of the call: started, held, with its own progress and cancel flag."""
+        companion.start()
+        stack.enter_context(Lease(self.jobs, companion.job_id))
+        flag = CancelRequested(self.jobs, companion.job_id)
+        member = Member(resolved, companion.job_id, companion.tenant, companion.progress, flag, companion.embedded)
+        member.on_cancelled = companion.cancelled
+        return member
+
+    def _end(self, companion: batching.Companion, outcome: Generation | BaseException) -> None:
+        if isinstance(outcome, Cancelled):
+            companion.cancelled(outcome)
+            return
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            companion.succeeded(self.artifacts.save(outcome).model_dump(mode="json"))
+        except Exception as exc:
+            companion.failed(failure_message(exc, self.settings))
 
     def start_process(self, models: list[str], processes: int) -> None:
         """Share the CPU cores among the pool's processes and load the models before the first job."""
@@ -172,16 +240,14 @@ def run_job(
     logger.info("job %s: attempt %d", job_id, attempt)
     # Our own STARTED (Celery's task_track_started is off: it would write it before the cancel check above).
     task.update_state(state=states.STARTED, meta={"attempt": attempt, "pid": os.getpid()})
+    on_step, cancel = progress_publisher(task, attempt), CancelRequested(context.jobs, job_id)
+    embedded = PromptEmbedding.from_message(embedded)  # None when absent or malformed
     try:
         with Lease(context.jobs, job_id):
-            generation = context.run(
-                payload,
-                on_step=progress_publisher(task, attempt),
-                cancel=CancelRequested(context.jobs, job_id),
-                result_id=job_id,
-                tenant=tenant,
-                embedded=PromptEmbedding.from_message(embedded),  # None when absent or malformed
-            )
+            if context.batches():
+                generation = context.run_batched(task, payload, on_step, cancel, tenant, embedded)
+            else:
+                generation = context.run(payload, on_step, cancel, job_id, tenant, embedded)
             result = context.artifacts.save(generation)
     except GroupBroken as exc:
         logger.error("job %s: the worker group broke (%s); handing the job back to the queue", job_id, exc)
@@ -194,6 +260,16 @@ def run_job(
         raise JobFailed(failure_message(exc, context.settings)) from None  # JobTask records it failed
     logger.info("job %s: succeeded with %d artifact(s)", job_id, len(result.artifacts))  # Celery's line omits it
     return result.model_dump(mode="json")  # JobTask records it succeeded once Celery stored this
+
+
+def lead_cancelled(task: Task, jobs: JobStore):
+    """The running job's ``on_cancelled`` in a batch: it reads cancelled at once while the others finish."""
+
+    def cancelled(stopped: Cancelled) -> None:
+        task.update_state(state=CANCELLED, meta={"step": stopped.step, "total": stopped.total})
+        jobs.finished(task.request.id, "cancelled")
+
+    return cancelled
 
 
 def drop_cancelled(task: Task, jobs: JobStore, job_id: str) -> NoReturn:
