@@ -598,3 +598,27 @@ def test_threshold_table_from_the_environment(tmp_path):
         Settings.from_env({"FASTGEN_CACHE_BYTES": "0"}).cache_bytes == 0
         and open_cache(Settings(cache_bytes=0)) is None
     )
+
+
+def test_batched_requests_run_one_call_per_cache_start_step(engine, tmp_path):
+    from fastgen.engine import Member
+
+    run = cached_engine(engine, make_cache(tmp_path, embedder="pipeline"))
+    run.run({"prompt": CAPTION, **SHAPES})  # stored: its repeats start at step 12
+    requests = [
+        {"prompt": CAPTION, **SHAPES, "seed": 8},
+        {"prompt": "a green square", **SHAPES},
+        {"prompt": CAPTION, **SHAPES, "seed": 9},
+    ]
+    members = [Member(run.resolve(request), result_id=str(i)) for i, request in enumerate(requests)]
+    repeat, other, second_repeat = run.run_members(members)
+    for hit in (repeat, second_repeat):
+        assert cache_report(hit)["hit"] and cache_report(hit)["k"] == 12
+        assert hit.result.batch.jobs == 2 and hit.result.batch.shared["cache_start_step"] == 12
+    assert repeat.result.batch.others == ["2"] and second_repeat.result.batch.others == ["0"]
+    assert cache_report(other).get("k") != 12 and other.result.batch is None  # another start: a call of its own
+    solo = cached_engine(engine, make_cache(tmp_path / "solo", embedder="pipeline"))
+    solo.run({"prompt": CAPTION, **SHAPES})
+    alone = solo.run({"prompt": CAPTION, **SHAPES, "seed": 9})
+    assert cache_report(alone)["k"] == 12
+    assert np.abs(pixels(second_repeat).astype(int) - pixels(alone).astype(int)).max() <= 2
