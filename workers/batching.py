@@ -5,7 +5,8 @@ A consumer of our own, not celery-batches: that buffers messages in the worker's
 unbounded prefetch (``worker_prefetch_multiplier=0``), so one worker would hold every queued job while others idle
 (and a dead one strands them until the visibility timeout), and it flushes on a timer, so a lone request waits.
 Here, when a job starts, its pool process takes the next messages of the same queue (kombu's ``basic_get``) while
-they are compatible (``fastgen.engine.batch.batch_key`` and the same LoRA files), up to ``FASTGEN_BATCH_MAX`` jobs;
+they are compatible (``fastgen.engine.batch.batch_key``; LoRAs may differ, up to the slots, but on a compiled
+denoiser), up to ``FASTGEN_BATCH_MAX`` jobs;
 the first one that is not goes back to the front and runs next, so no job is overtaken by a later one. With nothing
 queued it waits ``FASTGEN_BATCH_WAIT_MS`` at most (0, the default: not at all). Each taken message stays
 unacknowledged until its job has ended, and its job is started and held in the job store like any running job, so
@@ -34,6 +35,7 @@ from fastgen.engine import Engine, ResolvedRequest
 from fastgen.engine.batch import batch_key
 from fastgen.errors import Cancelled
 from fastgen.jobs import DEFAULT_TENANT, JobStore
+from fastgen.lora.hotswap import mixes_adapters
 from fastgen.lora.library import fingerprints
 from fastgen.workers.app import CANCELLED, TASK_NAME
 
@@ -46,9 +48,11 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.005  # how often an empty queue is asked again while a batch waits for company
 
 
-def shared_by(resolved: ResolvedRequest) -> str:
-    """What every job of a batch has in common with the first, as one comparable value."""
-    return json.dumps([batch_key(resolved.request), fingerprints(resolved.adapters)], sort_keys=True)
+def shared_by(resolved: ResolvedRequest, mixes_loras: bool) -> str:
+    """What every job of a batch has in common with the first, as one comparable value (their LoRA files too where
+    one call cannot give each its own)."""
+    loras = [] if mixes_loras else fingerprints(resolved.adapters)
+    return json.dumps([batch_key(resolved.request), loras], sort_keys=True)
 
 
 @dataclass
@@ -139,8 +143,10 @@ def gathered(
     what it did not acknowledge)."""
     taken: list[tuple[Companion, ResolvedRequest]] = []
     channel = connection.channel()
+    mixes = mixes_adapters(engine.pool.get(lead.spec)[0].pipe)
+    fits = Fits(shared_by(lead, mixes), mixes, engine.settings.lora_slots, {info.sha256 for info, _ in lead.adapters})
     try:
-        _take(channel, queue, engine, shared_by(lead), jobs, backend, max_jobs - 1, wait_s, taken)
+        _take(channel, queue, engine, fits, jobs, backend, max_jobs - 1, wait_s, taken)
         yield taken
     finally:
         for companion, _ in taken:
@@ -149,7 +155,24 @@ def gathered(
         channel.close()
 
 
-def _take(channel, queue, engine, key, jobs, backend, wanted, wait_s, taken) -> None:
+@dataclass
+class Fits:
+    """Whether a job can join the batch: the same shared settings, and no more adapters than the slots hold."""
+
+    key: str
+    mixes_loras: bool
+    slots: int
+    adapters: set[str]
+
+    def take(self, resolved: ResolvedRequest) -> bool:
+        adapters = self.adapters | {info.sha256 for info, _ in resolved.adapters}
+        if shared_by(resolved, self.mixes_loras) != self.key or len(adapters) > self.slots:
+            return False
+        self.adapters = adapters
+        return True
+
+
+def _take(channel, queue, engine, fits: Fits, jobs, backend, wanted, wait_s, taken) -> None:
     deadline = time.monotonic() + wait_s
     while len(taken) < wanted:
         message = channel.basic_get(queue, no_ack=False)
@@ -171,7 +194,7 @@ def _take(channel, queue, engine, key, jobs, backend, wanted, wait_s, taken) -> 
             companion.start()
             companion.failed(str(exc))
             continue
-        if shared_by(resolved) != key:
+        if not fits.take(resolved):
             message.requeue()  # to the front: it runs next
             return
         taken.append((companion, resolved))

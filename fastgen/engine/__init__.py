@@ -25,6 +25,7 @@ from fastgen.engine.pool import LoadedPipeline, PipelinePool, resolve_device, re
 from fastgen.engine.run import Generation, ResolvedRequest, Run, call_kwargs, generation_of, run_timings, to_uint8
 from fastgen.errors import Cancelled
 from fastgen.jobs import DEFAULT_TENANT
+from fastgen.lora.hotswap import mixes_adapters
 from fastgen.lora.library import LoraInfo, LoraLibrary, fingerprints
 from fastgen.models.registry import ModelRegistry, ModelSpec
 from fastgen.schema import AccelerationReport, BatchReport, GenerationRequest, GenerationResult, parse_request
@@ -133,11 +134,13 @@ class Engine:
     def run_members(self, members: list[Member], decode: bool = True) -> list[Generation | BaseException]:
         """Run resolved requests that share a batch key (``fastgen.engine.batch``) together: one pipeline call per
         approximate-cache start step among them. Each gets its Generation, or what stopped it (Cancelled)."""
+        loaded, load_s = self.pool.get(members[0].resolved.spec)
         keys = {json.dumps(batch_key(m.request), sort_keys=True) for m in members}
         loras = {fingerprints(m.resolved.adapters) for m in members}
-        if len(keys) > 1 or len(loras) > 1:
-            raise ValueError("the requests of one batch must share their batch key and LoRA files")
-        loaded, load_s = self.pool.get(members[0].resolved.spec)
+        if len(keys) > 1 or (len(loras) > 1 and not mixes_adapters(loaded.pipe)):
+            raise ValueError(
+                "the requests of one batch must share their batch key (and LoRAs, on a compiled denoiser)"
+            )
         outcomes: dict[int, Generation | BaseException] = {}
         with loaded.lock:
             for member in members:

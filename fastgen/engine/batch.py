@@ -1,8 +1,10 @@
 """Several requests in one pipeline call: what must match for them to share it, and each one's own part of the run.
 
 A batch computes its samples together, so everything that shapes the call as a whole must be equal
-(:func:`batch_key`): the model, the size, the steps, the frames, the guidance, the accelerations and the LoRAs.
-What is each request's own travels per sample: the prompt, the negative prompt, the seeds (one per image). The
+(:func:`batch_key`): the model, the size, the steps, the frames, the guidance and the accelerations. What is each
+request's own travels per sample: the prompt, the negative prompt, the seeds (one per image) and the LoRAs (each
+adapted layer adds each sample's own update: ``fastgen.lora.segmented``; a compiled denoiser runs one set of LoRAs
+per call, so there they must be equal too). The
 approximate cache's start step must be equal too; it is known only after each request's lookup, so the engine runs
 one call per start step among the requests it is given.
 """
@@ -32,8 +34,7 @@ SHARED_FIELDS = ("model", "width", "height", "steps", "num_frames", "guidance")
 def batch_key(request: GenerationRequest) -> dict[str, Any]:
     """What a request (completed with its model's defaults) must have in common with the others of its batch."""
     accelerate = request.accelerate.model_dump(mode="json", exclude={"cache"})
-    loras = sorted((lora.name, lora.scale) for lora in request.loras)
-    return {**{name: getattr(request, name) for name in SHARED_FIELDS}, "accelerate": accelerate, "loras": loras}
+    return {**{name: getattr(request, name) for name in SHARED_FIELDS}, "accelerate": accelerate}
 
 
 @dataclass

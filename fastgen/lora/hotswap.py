@@ -37,6 +37,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fastgen.lora.library import LoraError, LoraInfo, LoraLibrary
+from fastgen.lora.segmented import SegmentedForward
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,28 @@ class ActiveLoras:
         return {"adapters": self.report_items}
 
 
+@dataclass
+class SegmentedLoras:
+    """Different adapters per member in one call; ``remove()`` restores every layer and switches the slots off."""
+
+    slots: AdapterSlots
+    forward: SegmentedForward
+    reports: list[list[dict[str, Any]]]  # per member, its adapters' reports
+
+    def remove(self) -> None:
+        self.forward.remove()
+        self.slots.switch_off()
+
+    def report(self) -> list[dict[str, Any] | None]:
+        return [{"adapters": items, "segmented": True} if items else None for items in self.reports]
+
+
+def mixes_adapters(pipe) -> bool:
+    """Whether one call on ``pipe`` can give different requests different adapters (not with a compiled denoiser)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return denoiser is not None and not _compiled(denoiser)
+
+
 class AdapterSlots:
     """A pipeline's adapter slots and which library adapter each one holds (one request at a time)."""
 
@@ -158,6 +181,43 @@ class AdapterSlots:
             active.chosen.append((slot, scale))
         self.choose(active.chosen)
         return active
+
+    def activate_rows(self, members: list[list[tuple[LoraInfo, float]]], images: list[int]) -> SegmentedLoras:
+        """Each member's adapters (with their scales) for its own ``images`` rows of one call, different per member
+        (Punica's segmented LoRA, ``fastgen.lora.segmented``): every adapter the batch needs is put in a slot of its
+        own first (synchronously), then each adapted layer adds every row's own update to its base output."""
+        if _compiled(getattr(self.pipe, self.prefix)):
+            raise ValueError("a compiled denoiser runs one set of adapters per call")
+        converted = [[self.convert(info, f"loras[{i}]") for i, (info, _) in enumerate(m)] for m in members]
+        self._ensure_layout([c for member in converted for c in member])
+        wanted = {(c.info.name, c.info.sha256) for member in converted for c in member}
+        if len(wanted) > self.count:
+            raise LoraError("loras", f"a batch of {len(wanted)} adapters, more than the {self.count} slots")
+        slots: dict[tuple[str, str], str] = {}
+        reports = []
+        for member, adapters in zip(converted, members, strict=True):
+            pairs = zip(member, adapters, strict=True)
+            reports.append([self._place(c, scale, wanted, slots) for c, (_, scale) in pairs])
+        self.switch_off()  # PEFT's own path off: each layer's segmented forward adds the updates
+        rows = []
+        for member, adapters, count in zip(converted, members, images, strict=True):
+            row = []
+            for c, (_, scale) in zip(member, adapters, strict=True):
+                slot = slots[(c.info.name, c.info.sha256)]
+                row.append((slot, {layer: scale * value for layer, value in self.scalings[slot].items()}))
+            rows += [row] * count
+        return SegmentedLoras(self, SegmentedForward(self.layers, rows), reports)
+
+    def _place(self, c: Converted, scale: float, wanted: set, slots: dict[tuple[str, str], str]) -> dict[str, Any]:
+        """Put one adapter of a batch in a slot (or find it resident); its report."""
+        key = (c.info.name, c.info.sha256)
+        slot = slots.get(key) or self._resident(c.info)
+        report = {"name": c.info.name, "scale": scale, "resident": slot is not None}
+        if slot is None:
+            slot = self._free_slot(wanted, set(slots.values()))
+            self._swap_timed(slot, c, report)
+        slots[key] = slot
+        return report
 
     def choose(self, chosen: list[tuple[str, float]], everywhere: bool = False) -> None:
         """Switch on ``chosen`` (slot, scale) and nothing else, each only in the layers its adapter adapts, or with

@@ -1,0 +1,103 @@
+"""Different LoRAs for different samples of one batch, over the adapter slots (``fastgen.lora.hotswap``).
+
+Punica (Chen et al., "Punica: Multi-Tenant LoRA Serving", MLSys 2024) serves requests with different adapters in one
+batch: each adapted layer computes its base output once for the whole batch, plus each sample's own low-rank update
+(its segmented gather matrix-vector product, SGMV). Here each adapted layer's forward becomes: the base layer on the
+batch, plus, for every row, the sum over its adapters of ``scale * B(A(x))``, where A and B are *gathered* from the
+slots by each row's adapter indices and applied to all rows in one batched matmul (``torch.einsum`` over the
+gathered weights): no loop over samples or adapters in Python, the same code on CPU and GPU.
+
+A row's adapters are its request's (a request without any has none: its rows get the base layer alone). A batch with
+guidance holds each sample several times (unconditional rows, then conditional ones), so the row indices repeat.
+Removing the handle puts each layer's own forward back and switches every slot off: the base model exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+
+@dataclass
+class RowUpdates:
+    """One adapted layer's low-rank updates for a batch: the slots' stacked weights and each row's (slot, scale)."""
+
+    a: torch.Tensor  # [slots, rank, in] (Linear) or [slots, rank, in, kh, kw] (Conv2d)
+    b: torch.Tensor  # [slots, out, rank]
+    index: torch.Tensor  # [rows, k]: positions in the stacks, per sample (padded with 0)
+    scale: torch.Tensor  # [rows, k]: 0 for padding
+    conv: dict[str, Any] | None = None  # lora_A's stride, padding and dilation for a Conv2d layer
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Every row's update: ``sum_k scale[r, k] * B[index[r, k]] A[index[r, k]] x[r]``."""
+        rows = x.shape[0]
+        repeats, rest = divmod(rows, self.index.shape[0])
+        if rest:
+            raise ValueError(f"a batch of {rows} rows for {self.index.shape[0]} samples")
+        index, scale = self.index.repeat(repeats, 1), self.scale.repeat(repeats, 1)
+        x = x.to(self.a.dtype)
+        if self.conv is None:
+            flat = x.reshape(rows, -1, x.shape[-1])  # [rows, tokens, in]
+            hidden = torch.einsum("rti,rkqi->rktq", flat, self.a[index]) * scale[:, :, None, None]
+            out = torch.einsum("rktq,rkoq->rto", hidden, self.b[index])
+            return out.reshape(*x.shape[:-1], self.b.shape[1])
+        slots, rank = self.a.shape[:2]
+        hidden = F.conv2d(x, self.a.reshape(slots * rank, *self.a.shape[2:]), **self.conv)  # every slot's A at once
+        hidden = hidden.view(rows, slots, rank, *hidden.shape[2:])
+        hidden = hidden[torch.arange(rows, device=x.device)[:, None], index] * scale[:, :, None, None, None]
+        return torch.einsum("rkqhw,rkoq->rohw", hidden, self.b[index])
+
+
+def row_updates(layer: BaseTunerLayer, rows: list[list[tuple[str, float]]]) -> RowUpdates | None:
+    """``layer``'s updates for rows that each use (slot, scale) pairs, the scale already the layer's own (the request's
+    times the adapter's alpha / rank there); None when no row adapts this layer."""
+    used = sorted({slot for row in rows for slot, scale in row if scale})
+    if not used:
+        return None
+    position = {slot: i for i, slot in enumerate(used)}
+    width = max(sum(1 for _, scale in row if scale) for row in rows)
+    index = torch.zeros(len(rows), width, dtype=torch.long)
+    scale = torch.zeros(len(rows), width)
+    for r, row in enumerate(rows):
+        for k, (slot, value) in enumerate((s, v) for s, v in row if v):
+            index[r, k], scale[r, k] = position[slot], value
+    a = torch.stack([layer.lora_A[slot].weight for slot in used]).detach()
+    b = torch.stack([layer.lora_B[slot].weight for slot in used]).detach()
+    b = b.reshape(*b.shape[:3])  # a Conv2d's 1x1 lora_B as a matrix
+    first = layer.lora_A[used[0]]
+    conv = None
+    if isinstance(first, torch.nn.Conv2d):
+        conv = {"stride": first.stride, "padding": first.padding, "dilation": first.dilation}
+    return RowUpdates(a, b, index.to(a.device), scale.to(a.device, a.dtype), conv)
+
+
+class SegmentedForward:
+    """Each adapted layer's forward for one batch: its base layer, plus the rows' gathered updates."""
+
+    def __init__(self, layers: dict[str, BaseTunerLayer], rows: list[list[tuple[str, dict[str, float]]]]):
+        """``rows``: per row, (slot, the request's scale times the adapter's alpha / rank in each layer it adapts)."""
+        self.layers = []
+        for name, layer in layers.items():
+            updates = row_updates(layer, [[(slot, scales.get(name, 0.0)) for slot, scales in row] for row in rows])
+            if updates is not None:
+                layer.forward = _forward(layer, updates)  # an instance attribute: deleting it restores the class's
+                self.layers.append(layer)
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            del layer.forward
+        self.layers = []
+
+
+def _forward(layer: BaseTunerLayer, updates: RowUpdates):
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = layer.base_layer(x, *args, **kwargs)
+        return result + updates.delta(x).to(result.dtype)
+
+    return forward
