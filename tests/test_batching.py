@@ -130,3 +130,19 @@ def test_a_worker_killed_mid_batch_loses_none_of_its_jobs(service, client):
     for job in jobs:
         record = service.redis.hgetall(f"fastgen:job:{job}")
         assert record[b"attempts"] == b"2" and record[b"state"] == b"succeeded", record
+
+
+def test_the_embedded_queue_batches_too(tmp_path):
+    """No broker: the filesystem queue's messages are taken into a call the same way (and never read half-written)."""
+    api = Api(service_env(tmp_path, job_timeout_s="60"), tmp_path / "serve.log", workers=1)
+    try:
+        with api.client() as client:
+            blocker = hold_the_worker(client)
+            jobs = [client.submit(quick(seed=s))["id"] for s in (1, 2, 3)]
+            release(client, blocker)
+            statuses = [client.wait(job, timeout_s=120) for job in jobs]
+    finally:
+        api.stop()
+    assert all(status["status"] == "succeeded" for status in statuses), statuses
+    assert [status["result"]["batch"]["jobs"] for status in statuses] == [3, 3, 3]
+    assert "Unrecoverable" not in (tmp_path / "serve.log").read_text()

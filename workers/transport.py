@@ -4,8 +4,8 @@ Celery rejects a job with ``requeue=True`` when its pool process died under it (
 a worker group broke: the job was first in line and has waited once already, so it must run before jobs submitted
 after it. Stock kombu puts it last: its Redis transport consumes with BRPOP (the oldest message at the right) but
 restores a rejected message with LPUSH, and its filesystem transport writes it as a new file, named by the clock,
-which sorts after every waiting one. Celery is given these classes through ``broker_transport`` (see
-``fastgen.workers.app``).
+which sorts after every waiting one (and writes every message in place, which a consumer may take half-written).
+Celery is given these classes through ``broker_transport`` (see ``fastgen.workers.app``).
 
 A whole worker that died (killed, its machine gone) cannot reject anything: Redis's transport keeps what it held
 and hands it back only after the visibility timeout, longer than the longest allowed job. Here a live worker's
@@ -87,17 +87,25 @@ class RedisTransport(redis.Transport):
 
 
 class FilesystemChannel(filesystem.Channel):
+    def _put(self, queue, payload, **kwargs):
+        """Publish as kombu does, but atomically: kombu writes the file in place, and a consumer that lists the folder
+        meanwhile (a worker's main process, or a pool process taking a batch's jobs) moves it away empty and fails
+        on it (JSONDecodeError), which stops the worker."""
+        self._write(f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg", payload)
+
     def _restore_at_beginning(self, message):
         """Write the message under a name that sorts before every clock-named file (``_get`` takes the first)."""
         info = message.delivery_info
         payload = {**message.serializable(), "redelivered": True}
         for queue in self._lookup(info["exchange"], info["routing_key"]):
-            name = f"0_{int(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-            path = os.path.join(self.data_folder_out, name)
-            # Written aside and renamed into place, so a consumer never takes a half-written file.
-            with open(path + ".tmp", "wb") as f:
-                f.write(dumps(payload).encode())
-            os.replace(path + ".tmp", path)
+            self._write(f"0_{int(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg", payload)
+
+    def _write(self, name: str, payload) -> None:
+        # Written aside and renamed into place, so a consumer never takes a half-written file.
+        path = os.path.join(self.data_folder_out, name)
+        with open(path + ".tmp", "wb") as f:
+            f.write(dumps(payload).encode())
+        os.replace(path + ".tmp", path)
 
 
 class FilesystemTransport(filesystem.Transport):
