@@ -378,3 +378,32 @@ def test_an_incompatible_file_fails_its_job_and_the_worker_keeps_serving(lora_se
         assert failed["status"] == "failed" and "LoRA 'for-tiny-sd'" in failed["error"], failed
         assert "does not fit this model" in failed["error"]
         service_pixels(client, client.submit({**SHAPES, "loras": [{"name": "style"}]})["id"])
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_row_updates_give_each_row_the_sum_of_its_own_adapters(conv):
+    """The gathered batched matmuls against the per-row, per-adapter definition (guidance's repeated rows too)."""
+    import torch.nn.functional as F
+
+    from fastgen.lora.segmented import RowUpdates
+
+    generator = torch.Generator().manual_seed(0)
+    slots, rank, inputs, outputs = 3, 4, 6, 5
+    a_shape = (slots, rank, inputs, 3, 3) if conv else (slots, rank, inputs)
+    a, b = torch.randn(a_shape, generator=generator), torch.randn(slots, outputs, rank, generator=generator)
+    index = torch.tensor([[0, 2], [1, 0], [2, 0]])
+    scale = torch.tensor([[0.5, 1.5], [1.0, 0.0], [2.0, 0.0]])
+    updates = RowUpdates(a, b, index, scale, {"stride": 1, "padding": 1, "dilation": 1} if conv else None)
+    x = torch.randn((6, inputs, 4, 4) if conv else (6, 7, inputs), generator=generator)  # 2 rows per sample
+    expected = []
+    for r in range(6):
+        total = 0
+        for k in range(2):
+            slot, s = int(index[r % 3, k]), float(scale[r % 3, k])
+            if conv:
+                hidden = F.conv2d(x[r : r + 1], a[slot], padding=1)
+                total = total + s * torch.einsum("bqhw,oq->bohw", hidden, b[slot])[0]
+            else:
+                total = total + s * (x[r] @ a[slot].T @ b[slot].T)
+        expected.append(total)
+    torch.testing.assert_close(updates.delta(x), torch.stack(expected), rtol=1e-4, atol=1e-4)

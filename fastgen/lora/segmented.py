@@ -4,8 +4,8 @@ Punica (Chen et al., "Punica: Multi-Tenant LoRA Serving", MLSys 2024) serves req
 batch: each adapted layer computes its base output once for the whole batch, plus each sample's own low-rank update
 (its segmented gather matrix-vector product, SGMV). Here each adapted layer's forward becomes: the base layer on the
 batch, plus, for every row, the sum over its adapters of ``scale * B(A(x))``, where A and B are *gathered* from the
-slots by each row's adapter indices and applied to all rows in one batched matmul (``torch.einsum`` over the
-gathered weights): no loop over samples or adapters in Python, the same code on CPU and GPU.
+slots by each row's adapter indices (once per batch, with the scales folded into B) and applied to all rows in two
+batched matmuls (``torch.bmm``): no loop over samples or adapters in Python, the same code on CPU and GPU.
 
 A row's adapters are its request's (a request without any has none: its rows get the base layer alone). A batch with
 guidance holds each sample several times (unconditional rows, then conditional ones), so the row indices repeat.
@@ -14,7 +14,7 @@ Removing the handle puts each layer's own forward back and switches every slot o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,25 +33,41 @@ class RowUpdates:
     index: torch.Tensor  # [rows, k]: positions in the stacks, per sample (padded with 0)
     scale: torch.Tensor  # [rows, k]: 0 for padding
     conv: dict[str, Any] | None = None  # lora_A's stride, padding and dilation for a Conv2d layer
+    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # rows -> per-row A^T, sB^T
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Every row's update: ``sum_k scale[r, k] * B[index[r, k]] A[index[r, k]] x[r]``."""
         rows = x.shape[0]
-        repeats, rest = divmod(rows, self.index.shape[0])
-        if rest:
-            raise ValueError(f"a batch of {rows} rows for {self.index.shape[0]} samples")
-        index, scale = self.index.repeat(repeats, 1), self.scale.repeat(repeats, 1)
         x = x.to(self.a.dtype)
         if self.conv is None:
+            a_t, b_t = self.per_row(rows)
             flat = x.reshape(rows, -1, x.shape[-1])  # [rows, tokens, in]
-            hidden = torch.einsum("rti,rkqi->rktq", flat, self.a[index]) * scale[:, :, None, None]
-            out = torch.einsum("rktq,rkoq->rto", hidden, self.b[index])
-            return out.reshape(*x.shape[:-1], self.b.shape[1])
+            return torch.bmm(torch.bmm(flat, a_t), b_t).reshape(*x.shape[:-1], self.b.shape[1])
+        index, scale = self.rows_of(rows)
         slots, rank = self.a.shape[:2]
         hidden = F.conv2d(x, self.a.reshape(slots * rank, *self.a.shape[2:]), **self.conv)  # every slot's A at once
         hidden = hidden.view(rows, slots, rank, *hidden.shape[2:])
         hidden = hidden[torch.arange(rows, device=x.device)[:, None], index] * scale[:, :, None, None, None]
         return torch.einsum("rkqhw,rkoq->rohw", hidden, self.b[index])
+
+    def per_row(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's adapters' A (transposed, side by side) and scaled B (stacked): gathered once per batch size, so
+        every step runs two batched matmuls and nothing else. ``[rows, in, k*rank]``, ``[rows, k*rank, out]``."""
+        if rows not in self.gathered:
+            index, scale = self.rows_of(rows)
+            width = index.shape[1] * self.a.shape[1]
+            a_t = self.a[index].reshape(rows, width, -1).transpose(1, 2).contiguous()
+            scaled = self.b[index] * scale[:, :, None, None]  # [rows, k, out, rank]
+            b_t = scaled.permute(0, 1, 3, 2).reshape(rows, width, -1).contiguous()
+            self.gathered[rows] = (a_t, b_t)
+        return self.gathered[rows]
+
+    def rows_of(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-row indices and scales for a batch of ``rows`` (guidance repeats each sample's rows)."""
+        repeats, rest = divmod(rows, self.index.shape[0])
+        if rest:
+            raise ValueError(f"a batch of {rows} rows for {self.index.shape[0]} samples")
+        return self.index.repeat(repeats, 1), self.scale.repeat(repeats, 1)
 
 
 def row_updates(layer: BaseTunerLayer, rows: list[list[tuple[str, float]]]) -> RowUpdates | None:
