@@ -99,6 +99,27 @@ def test_a_dit_split_by_tokens_through_the_service(service, client, engine):
     assert np.abs(pixels(client, status["id"]) - single).max() <= 1
 
 
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        {"accelerate": {"parallel": {}}},
+        {"model": "tiny-pixart", "accelerate": {"parallel": {"cfg": False, "mode": "sync"}}},
+    ],
+    ids=["unet-cfg-split", "dit-token-split"],
+)
+def test_several_images_through_a_two_rank_worker_are_each_the_single_device_image(
+    service, client, engine, request_fields
+):
+    request = job(**request_fields, num_images=2)
+    status = client.wait(client.submit(request)["id"], timeout_s=120)
+    assert status["status"] == "succeeded", status
+    assert report(status)["world_size"] == 2 and len(status["result"]["artifacts"]) == 2
+    for index, seed in enumerate(status["result"]["seeds"]):
+        single = np.asarray(engine.run({**request, "accelerate": {}, "num_images": 1, "seed": seed}).images[0])
+        data, _ = client.result_bytes(status["id"], index)
+        assert np.abs(np.asarray(Image.open(io.BytesIO(data))).astype(int) - single.astype(int)).max() <= 2
+
+
 def test_displaced_patches_through_the_service(service, client, engine):
     status = client.wait(client.submit(job(steps=8, accelerate={"parallel": {"cfg": False}}))["id"], timeout_s=120)
     assert status["status"] == "succeeded", status
