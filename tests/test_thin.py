@@ -136,6 +136,20 @@ def test_generate_through_a_service_ends_its_progress_line_and_says_where_the_fi
     assert f"no -o given: wrote {written.name}" in run.stderr
 
 
+def test_several_images_through_a_service_are_each_written_with_its_seed(service, tmp_path):
+    env = {**service_env(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}
+    out = tmp_path / "shapes.png"
+    command = [sys.executable, "-m", "fastgen", "generate", "a red circle", *TINY_JOB, "-n", "2", "--seed", "8"]
+    run = subprocess.run(
+        [*command, "-o", str(out), "--url", service.url], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    first, second = (tmp_path / "shapes_0.png", tmp_path / "shapes_1.png")
+    assert first.read_bytes() != second.read_bytes() and first.read_bytes().startswith(b"\x89PNG")
+    assert [line.split()[0] for line in run.stdout.splitlines()] == [str(first), str(second)]
+    assert " seed=8 " in run.stdout.splitlines()[0] and " seed=9 " in run.stdout.splitlines()[1]
+
+
 def test_the_service_starts_calmly(service):
     """What starts and where to open it; no banner, no lines that read like failures."""
     wait_until(lambda: "ready." in service.log(), 120, "the worker to be ready")
