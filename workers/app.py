@@ -41,6 +41,22 @@ def queue_name(model: str) -> str:
     return "fastgen." + re.sub(r"[^A-Za-z0-9_-]+", "_", model).strip("_")
 
 
+def started_meta(attempt: int) -> dict:
+    """A running job's STARTED meta: which attempt, in which process."""
+    return {"attempt": attempt, "pid": os.getpid()}
+
+
+def progress_meta(progress, attempt: int) -> dict:
+    """A running job's PROGRESS meta after a step (``progress``: a ``fastgen.engine.Progress``)."""
+    return {
+        "step": progress.step,
+        "total": progress.total,
+        "eta_s": round(progress.eta_s, 3),
+        "elapsed_s": round(progress.elapsed_s, 3),
+        "attempt": attempt,
+    }
+
+
 def visibility_timeout(job_timeout_s: int) -> int:
     """Longer than any job may run, so a slow job is never handed to a second worker while it runs."""
     return job_timeout_s + min(VISIBILITY_MARGIN_S, job_timeout_s)

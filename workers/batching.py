@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from fastgen.errors import Cancelled
 from fastgen.jobs import DEFAULT_TENANT, JobStore
 from fastgen.lora.hotswap import mixes_adapters
 from fastgen.lora.library import fingerprints
-from fastgen.workers.app import CANCELLED, TASK_NAME
+from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME, progress_meta, started_meta
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -84,17 +83,10 @@ class Companion:
     def start(self) -> None:
         self.attempt = self.jobs.started(self.job_id)
         logger.info("job %s: attempt %d, batched", self.job_id, self.attempt)
-        self.backend.store_result(self.job_id, {"attempt": self.attempt, "pid": os.getpid()}, states.STARTED)
+        self.backend.store_result(self.job_id, started_meta(self.attempt), states.STARTED)
 
     def progress(self, progress) -> None:
-        meta = {
-            "step": progress.step,
-            "total": progress.total,
-            "eta_s": round(progress.eta_s, 3),
-            "elapsed_s": round(progress.elapsed_s, 3),
-            "attempt": self.attempt,
-        }
-        self.backend.store_result(self.job_id, meta, "PROGRESS")
+        self.backend.store_result(self.job_id, progress_meta(progress, self.attempt), PROGRESS)
 
     def cancelled(self, stopped: Cancelled) -> None:
         self._end(CANCELLED, {"step": stopped.step, "total": stopped.total}, "cancelled")

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from contextlib import ExitStack
-from functools import cached_property
+from functools import cached_property, partial
 from typing import NoReturn
 
 import torch
@@ -31,7 +31,7 @@ from fastgen.errors import Cancelled, FastgenError
 from fastgen.jobs import DEFAULT_TENANT, JobStore, open_job_store
 from fastgen.settings import Settings
 from fastgen.workers import batching
-from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME
+from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME, progress_meta, started_meta
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class WorkerContext:
         of those ends on its own (result, failure or cancel) as soon as the call is done."""
         resolved = self.engine.resolve(payload)  # a job that cannot run fails alone, before it takes any company
         lead = Member(resolved, task.request.id, tenant, on_step, cancel, embedded)
-        lead.on_cancelled = lead_cancelled(task, self.jobs)
+        lead.on_cancelled = partial(record_cancelled, task, self.jobs)  # it reads cancelled while the others finish
         with ExitStack() as stack:
             taken = self._gather(task, resolved, stack)
             members = [
@@ -239,7 +239,7 @@ def run_job(
     attempt = context.jobs.started(job_id)
     logger.info("job %s: attempt %d", job_id, attempt)
     # Our own STARTED (Celery's task_track_started is off: it would write it before the cancel check above).
-    task.update_state(state=states.STARTED, meta={"attempt": attempt, "pid": os.getpid()})
+    task.update_state(state=states.STARTED, meta=started_meta(attempt))
     on_step, cancel = progress_publisher(task, attempt), CancelRequested(context.jobs, job_id)
     embedded = PromptEmbedding.from_message(embedded)  # None when absent or malformed
     try:
@@ -253,8 +253,7 @@ def run_job(
         logger.error("job %s: the worker group broke (%s); handing the job back to the queue", job_id, exc)
         raise Reject(str(exc), requeue=True) from None
     except Cancelled as exc:
-        task.update_state(state=CANCELLED, meta={"step": exc.step, "total": exc.total})
-        context.jobs.finished(job_id, "cancelled")
+        record_cancelled(task, context.jobs, exc)
         raise Ignore() from None
     except Exception as exc:
         raise JobFailed(failure_message(exc, context.settings)) from None  # JobTask records it failed
@@ -262,14 +261,10 @@ def run_job(
     return result.model_dump(mode="json")  # JobTask records it succeeded once Celery stored this
 
 
-def lead_cancelled(task: Task, jobs: JobStore):
-    """The running job's ``on_cancelled`` in a batch: it reads cancelled at once while the others finish."""
-
-    def cancelled(stopped: Cancelled) -> None:
-        task.update_state(state=CANCELLED, meta={"step": stopped.step, "total": stopped.total})
-        jobs.finished(task.request.id, "cancelled")
-
-    return cancelled
+def record_cancelled(task: Task, jobs: JobStore, stopped: Cancelled) -> None:
+    """The running job reads cancelled (after ``stopped.step`` steps): its meta, then the store's final state."""
+    task.update_state(state=CANCELLED, meta={"step": stopped.step, "total": stopped.total})
+    jobs.finished(task.request.id, "cancelled")
 
 
 def drop_cancelled(task: Task, jobs: JobStore, job_id: str) -> NoReturn:
@@ -277,22 +272,14 @@ def drop_cancelled(task: Task, jobs: JobStore, job_id: str) -> NoReturn:
 
     Its log line, written once the job is done with, is the sign that a worker took the job and dropped it."""
     # Usually the door already wrote both; not when the job was cancelled while it ran and its worker then died.
-    task.update_state(state=CANCELLED, meta={"step": 0, "total": 0})
-    jobs.finished(job_id, "cancelled")
+    record_cancelled(task, jobs, Cancelled(0, 0))
     logger.info("job %s: cancelled before it started; dropped", job_id)
     raise Ignore()
 
 
 def progress_publisher(task: Task, attempt: int):
     def publish(progress: Progress) -> None:
-        meta = {
-            "step": progress.step,
-            "total": progress.total,
-            "eta_s": round(progress.eta_s, 3),
-            "elapsed_s": round(progress.elapsed_s, 3),
-            "attempt": attempt,
-        }
-        task.update_state(state=PROGRESS, meta=meta)
+        task.update_state(state=PROGRESS, meta=progress_meta(progress, attempt))
 
     return publish
 

@@ -124,8 +124,6 @@ class Engine:
         """
         member = Member(resolved, result_id or uuid.uuid4().hex, tenant, on_step, cancel, embedded)
         member.started = time.perf_counter() if started is None else started
-        if member.cancel_requested():
-            raise Cancelled(0, resolved.request.steps)
         (outcome,) = self.run_members([member], decode)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -133,8 +131,17 @@ class Engine:
 
     def run_members(self, members: list[Member], decode: bool = True) -> list[Generation | BaseException]:
         """Run resolved requests that share a batch key (``fastgen.engine.batch``) together: one pipeline call per
-        approximate-cache start step among them. Each gets its Generation, or what stopped it (Cancelled)."""
-        loaded, load_s = self.pool.get(members[0].resolved.spec)
+        approximate-cache start step among them. Each gets its Generation, or what stopped it (Cancelled).
+
+        Each member's cancel flag is asked once before anything is done for it (a multi-device worker's flag is a
+        collective every rank asks alike), then after every step."""
+        for member in members:
+            if member.cancel_requested():
+                member.cancelled = Cancelled(0, member.request.steps)
+        live = [member for member in members if member.cancelled is None]
+        if not live:
+            return [member.cancelled for member in members]
+        loaded, load_s = self.pool.get(live[0].resolved.spec)
         keys = {json.dumps(batch_key(m.request), sort_keys=True) for m in members}
         loras = {fingerprints(m.resolved.adapters) for m in members}
         if len(keys) > 1 or (len(loras) > 1 and not mixes_adapters(loaded.pipe)):
@@ -143,13 +150,13 @@ class Engine:
             )
         outcomes: dict[int, Generation | BaseException] = {}
         with loaded.lock:
-            for member in members:
+            for member in live:
                 member.cached = self._look_up(loaded, member)
-            for start in sorted({member.start_step for member in members}):
-                group = [member for member in members if member.start_step == start]
+            for start in sorted({member.start_step for member in live}):
+                group = [member for member in live if member.start_step == start]
                 for member, outcome in zip(group, self._run_together(loaded, load_s, group, decode), strict=True):
                     outcomes[id(member)] = outcome
-        return [outcomes[id(member)] for member in members]
+        return [outcomes.get(id(member), member.cancelled) for member in members]
 
     def _look_up(self, loaded: LoadedPipeline, member: Member) -> CacheRun | None:
         """The member's approximate-cache lookup (a hit says where it starts), or None when it does not use it."""
@@ -164,18 +171,11 @@ class Engine:
     def _run_together(
         self, loaded: LoadedPipeline, load_s: float, members: list[Member], decode: bool
     ) -> list[Generation | BaseException]:
-        """One pipeline call for ``members`` (one start step); a cancelled member's images are dropped."""
-        live = [member for member in members if not member.cancel_requested()]
-        outcomes: dict[int, Generation | BaseException] = {
-            id(m): Cancelled(0, m.request.steps) for m in members if m not in live
-        }
-        if live:
-            try:
-                generations = self._call(loaded, load_s, live, decode)
-            except Cancelled as exc:  # every member was cancelled (one alone: its own flag)
-                generations = [m.cancelled or exc for m in live]
-            outcomes |= {id(m): generation for m, generation in zip(live, generations, strict=True)}
-        return [outcomes[id(member)] for member in members]
+        """One pipeline call for ``members`` (one start step); a member cancelled mid-call has its images dropped."""
+        try:
+            return self._call(loaded, load_s, members, decode)
+        except Cancelled as exc:  # every member was cancelled (one alone: its own flag)
+            return [member.cancelled or exc for member in members]
 
     def _call(
         self, loaded: LoadedPipeline, load_s: float, members: list[Member], decode: bool

@@ -65,10 +65,6 @@ class Run:
         return self.members[0].request
 
     @property
-    def seed(self) -> int:
-        return self.members[0].resolved.seed
-
-    @property
     def adapters(self) -> list[tuple[LoraInfo, float]]:
         return self.members[0].resolved.adapters
 
@@ -126,14 +122,14 @@ def call_kwargs(
     prompts = prompts or [request.prompt] * count
     negatives = negatives or [request.negative_prompt] * count
     wanted = {
-        "prompt": per_image(prompts, count),
-        "negative_prompt": per_image(negatives, count) if any(negatives) else None,
+        "prompt": one_or_all(prompts),
+        "negative_prompt": one_or_all(negatives) if any(negatives) else None,
         "width": request.width,
         "height": request.height,
         "num_inference_steps": request.steps,
         "guidance_scale": request.guidance,
         "num_frames": request.num_frames,
-        "generator": per_image(generators, count),
+        "generator": one_or_all(generators),
         "output_type": "np" if spec.kind == "video" else "pil",
         **step_callback(accepted, monitor, type(pipe).__name__),
         **spec.call_kwargs,
@@ -141,11 +137,10 @@ def call_kwargs(
     return {name: value for name, value in wanted.items() if name in accepted and value is not None}
 
 
-def per_image(value, count: int):
-    """One image: the value as a one-image call takes it; several: one per image (a list stays the list)."""
-    if count == 1:
-        return value[0] if isinstance(value, list) else value
-    return value if isinstance(value, list) else [value] * count
+def one_or_all(values: list) -> Any:
+    """Per-image values as the call takes them: the value itself for one image (a one-image call exactly as before
+    batching), the list for several."""
+    return values[0] if len(values) == 1 else values
 
 
 def run_timings(started: float, load_s: float, monitor: StepMonitor, finished: float) -> Timings:
