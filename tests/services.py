@@ -9,9 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import redis
 
 from fastgen.client import FastgenClient
 from fastgen.serve import stop_process_group
@@ -204,3 +208,18 @@ class Api:
 
 def worker(env: dict[str, str], log: Path, models: str = "tiny-sd") -> Process:
     return Process(["worker", "--models", models], env, log)
+
+
+@contextmanager
+def on_redis(data_dir: Path, redis_url: str, **settings: str) -> Iterator[SimpleNamespace]:
+    """One tiny-sd worker and an open API on ``redis_url`` with FASTGEN_ ``settings``; both stopped on leaving."""
+    env = service_env(data_dir, broker_url=redis_url, **settings)
+    sd_worker = worker(env, data_dir / "worker.log")
+    api = Api(env, data_dir / "api.log")
+    try:
+        yield SimpleNamespace(
+            api=api, worker=sd_worker, env=env, data_dir=data_dir, redis=redis.Redis.from_url(redis_url)
+        )
+    finally:
+        api.stop()
+        sd_worker.stop()

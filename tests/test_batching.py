@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import io
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import redis
 from PIL import Image
-from services import Api, service_env, wait_until, worker
+from services import Api, on_redis, service_env, wait_until, worker
 
 from fastgen.settings import Settings
 from fastgen.workers.app import TASK_NAME, create_celery, queue_name
@@ -25,14 +23,8 @@ def quick(**fields) -> dict:
 @pytest.fixture(scope="module")
 def service(redis_url, tmp_path_factory):
     """One tiny-sd worker taking up to 4 jobs into one call, and an open API, both on Redis."""
-    data_dir = tmp_path_factory.mktemp("batching")
-    env = service_env(data_dir, broker_url=redis_url, job_timeout_s="60")
-    env["FASTGEN_BATCH_MAX"] = "4"
-    sd_worker = worker(env, data_dir / "worker.log")
-    api = Api(env, data_dir / "api.log")
-    yield SimpleNamespace(api=api, worker=sd_worker, env=env, data_dir=data_dir, redis=redis.Redis.from_url(redis_url))
-    api.stop()
-    sd_worker.stop()
+    with on_redis(tmp_path_factory.mktemp("batching"), redis_url, job_timeout_s="60", batch_max="4") as service:
+        yield service
 
 
 @pytest.fixture()

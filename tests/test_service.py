@@ -12,13 +12,11 @@ import sys
 import time
 import uuid
 import zipfile
-from types import SimpleNamespace
 
 import httpx
 import pytest
-import redis
 from PIL import Image
-from services import Api, free_port, pid_alive, service_env, wait_until, worker
+from services import Api, free_port, on_redis, pid_alive, service_env, wait_until, worker
 
 from fastgen.client import ServiceError
 from fastgen.jobs import DEFAULT_TENANT, RedisJobStore
@@ -40,13 +38,10 @@ def long_job(**fields) -> dict:
 @pytest.fixture(scope="module")
 def service(redis_url, tmp_path_factory):
     """One tiny-sd worker and an open API, both on Redis; the cache embeds with MiniLM (at the door)."""
-    data_dir = tmp_path_factory.mktemp("service")
-    env = service_env(data_dir, broker_url=redis_url, job_timeout_s=JOB_TIMEOUT_S, cache_embedder="minilm")
-    sd_worker = worker(env, data_dir / "worker.log")
-    api = Api(env, data_dir / "api.log")
-    yield SimpleNamespace(api=api, worker=sd_worker, env=env, data_dir=data_dir, redis=redis.Redis.from_url(redis_url))
-    api.stop()
-    sd_worker.stop()
+    with on_redis(
+        tmp_path_factory.mktemp("service"), redis_url, job_timeout_s=JOB_TIMEOUT_S, cache_embedder="minilm"
+    ) as service:
+        yield service
 
 
 @pytest.fixture()
