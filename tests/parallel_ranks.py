@@ -83,12 +83,40 @@ def group_jobs(rank: int, world_size: int, settings, jobs: list[dict], lora_dirs
     return pickle.dumps({"outcomes": outcomes})
 
 
+def group_batch(rank: int, world_size: int, settings, jobs: list[dict], lora_dirs: list) -> dict:
+    """A multi-device worker's ranks without Celery: rank 0 leads ``jobs`` as one call (a batch), the others follow.
+
+    Rank 0 returns each job's image or error and the plan; the others return the plans they ran."""
+    import dataclasses
+
+    from fastgen.engine import Member
+    from fastgen.workers.group import RankGroup, follow, lead, rank_engine
+
+    settings = dataclasses.replace(settings, lora_dir=lora_dirs[rank])
+    group = RankGroup.create(rank, world_size, settings.job_timeout_s)
+    engine = rank_engine(settings, ["tiny-sd"], group)
+    if rank:
+        return pickle.dumps({"plans": follow(engine, group)})
+    members = [Member(engine.resolve(payload), f"job-{i}", "tests") for i, payload in enumerate(jobs)]
+    outcomes = []
+    for outcome in lead(engine, group, members):
+        if isinstance(outcome, BaseException):
+            outcomes.append({"error": (type(outcome).__name__, str(outcome))})
+        else:
+            outcomes.append({"image": np.asarray(outcome.images[0]), "batch": outcome.result.batch})
+    group.release()
+    return pickle.dumps({"outcomes": outcomes, "plan": group.plan})
+
+
 def _lead(engine, group, payload: dict, job_id: str) -> dict:
+    from fastgen.engine import Member
     from fastgen.workers.group import lead
 
     outcome: dict = {"plan": None, "image": None, "reports": None, "error": None}
     try:
-        generation = lead(engine, group, payload, job_id, tenant="tests")
+        (generation,) = lead(engine, group, [Member(engine.resolve(payload), job_id, "tests")])
+        if isinstance(generation, BaseException):
+            raise generation
         outcome |= {"image": np.asarray(generation.images[0]), "reports": generation.result.accelerations}
     except Exception as exc:
         outcome["error"] = (type(exc).__name__, str(exc))

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from services import Api, Process, service_env, wait_until, worker
 
+from fastgen.engine import Engine
 from fastgen.lora.synthetic import random_lora, write_lora
 from fastgen.parallel.groups import free_port, run_ranks
 from fastgen.settings import Settings
@@ -36,7 +37,7 @@ def job(**fields) -> dict:
 
 
 def long_job(**fields) -> dict:
-    return job(width=256, height=256, steps=100, accelerate={"parallel": {"cfg": False}}, **fields)
+    return job(**{"width": 256, "height": 256, "steps": 100, "accelerate": {"parallel": {"cfg": False}}, **fields})
 
 
 def group_worker(env: dict, log, models: str = "tiny-sd,tiny-pixart") -> Process:
@@ -120,6 +121,48 @@ def test_several_images_through_a_two_rank_worker_are_each_the_single_device_ima
         assert np.abs(np.asarray(Image.open(io.BytesIO(data))).astype(int) - single.astype(int)).max() <= 2
 
 
+def running(client, job_id: str, step: int = 1) -> bool:
+    return (client.status(job_id).get("progress") or {}).get("step", 0) >= step
+
+
+def test_queued_jobs_share_one_call_on_every_rank_and_each_gets_its_single_device_image(service, client, engine):
+    blocker = client.submit(long_job())["id"]
+    wait_until(lambda: running(client, blocker), 120, "the blocker to run")
+    asked = [("a cat", 1, 1), ("a dog", 2, 2), ("a cow", 3, 1)]
+    batched = [client.submit(job(prompt=p, seed=s, num_images=n))["id"] for p, s, n in asked]
+    client.cancel(blocker)
+    statuses = [client.wait(job_id, timeout_s=120) for job_id in batched]
+    assert [status["status"] for status in statuses] == ["succeeded"] * 3, statuses
+    for job_id, status, (prompt, _, count) in zip(batched, statuses, asked, strict=True):
+        result = status["result"]
+        assert (
+            result["batch"]["jobs"] == 3 and result["batch"]["images"] == 4 and job_id not in result["batch"]["others"]
+        )
+        assert report(status)["world_size"] == 2
+        for index, seed in enumerate(result["seeds"]):
+            single = engine.run(job(prompt=prompt, seed=seed)).images[0]
+            data, _ = client.result_bytes(job_id, index)
+            solo = np.asarray(single).astype(int)
+            assert np.abs(np.asarray(Image.open(io.BytesIO(data))).astype(int) - solo).max() <= 2
+        assert len(result["seeds"]) == count
+
+
+def test_a_batched_job_cancelled_on_the_group_leaves_the_call_and_the_other_finishes(service, client):
+    blocker = client.submit(long_job())["id"]
+    wait_until(lambda: running(client, blocker), 120, "the blocker to run")
+    first, second = (client.submit(long_job(steps=60, seed=s))["id"] for s in (1, 2))
+    client.cancel(blocker)
+    wait_until(lambda: running(client, second, 2), 120, "the second job to run in the first's call")
+    client.cancel(second)
+    asked = time.monotonic()
+    assert client.wait(second, timeout_s=30, poll_s=0.02)["status"] == "cancelled"
+    assert time.monotonic() - asked < 5
+    assert client.status(first)["status"] == "running"  # the ranks go on with the other
+    status = client.wait(first, timeout_s=120)
+    assert status["status"] == "succeeded" and status["result"]["batch"]["others"] == [second]
+    assert client.wait(client.submit(job())["id"], timeout_s=60)["status"] == "succeeded"  # the group is in step
+
+
 def test_displaced_patches_through_the_service(service, client, engine):
     status = client.wait(client.submit(job(steps=8, accelerate={"parallel": {"cfg": False}}))["id"], timeout_s=120)
     assert status["status"] == "succeeded", status
@@ -153,26 +196,30 @@ def test_the_approximate_cache_through_the_group(service, client):
     assert hit["hit"] and hit["steps_saved"] > 0, hit
 
 
-def test_a_dead_rank_takes_the_group_down_and_its_job_is_redelivered(service, client):
+def test_a_dead_rank_takes_the_group_down_and_every_job_of_its_call_is_redelivered(service, client):
     log = service.data_dir / "doomed.log"
     doomed = group_worker(service.env, log, models="tiny-sd")
     try:
         service.group.stop()  # only the doomed group takes jobs now
-        running = client.submit(long_job())
-        wait_until(lambda: (client.status(running["id"]).get("progress") or {}).get("step", 0) >= 2, 120, "running")
+        blocker = client.submit(long_job())["id"]
+        wait_until(lambda: running(client, blocker), 120, "the blocker to run")
+        jobs = [client.submit(long_job(steps=40, seed=seed))["id"] for seed in (1, 2)]
+        client.cancel(blocker)
+        wait_until(lambda: all(running(client, job_id, 2) for job_id in jobs), 120, "both jobs to run in one call")
         os.kill(rank_pid(doomed, 1), signal.SIGKILL)
         assert doomed.process.wait(timeout=60) != 0
         assert "handing the job back to the queue" in doomed.log()
         rescuer = worker(service.env, service.data_dir / "rescuer.log")
         try:
-            status = client.wait(running["id"], timeout_s=120)
+            statuses = [client.wait(job_id, timeout_s=180) for job_id in jobs]
         finally:
             rescuer.stop()
     finally:
         doomed.stop()
         service.group = group_worker(service.env, service.data_dir / "group.log")
-    assert status["status"] == "succeeded", status
-    assert service.redis.hget(f"fastgen:job:{running['id']}", "attempts") == b"2"
+    assert [status["status"] for status in statuses] == ["succeeded", "succeeded"], statuses
+    for job_id in jobs:
+        assert service.redis.hget(f"fastgen:job:{job_id}", "attempts") == b"2"
 
 
 def test_a_job_past_the_time_limit_fails_on_every_rank_and_the_group_serves_the_next(redis_url, tmp_path):
@@ -234,8 +281,10 @@ def test_helper_ranks_run_rank_0s_plan_and_refuse_a_lora_file_they_do_not_hold(s
         parallel_ranks.group_jobs, 2, rank_settings(settings, tmp_path / "data"), jobs, [own, helpers], timeout_s=240
     )
     outcomes, helper_plans = pickle.loads(ranks[0])["outcomes"], pickle.loads(ranks[1])["plans"]
-    plans = [outcome["plan"] for outcome in outcomes]
-    assert None not in plans and helper_plans == plans  # every job's plan reached the helper, exactly as resolved
+    assert None not in [outcome["plan"] for outcome in outcomes]
+    assert helper_plans == [outcome["plan"] for outcome in outcomes]  # every plan reached the helper, as resolved
+    plans = [outcome["plan"].jobs[0] for outcome in outcomes]
+    helper_plans = [plan.jobs[0] for plan in helper_plans]
     errors = [outcome["error"] for outcome in outcomes]
     assert errors[:2] == [None, None] and errors[4:] == [None, None, None], errors
 
@@ -265,6 +314,32 @@ def test_helper_ranks_run_rank_0s_plan_and_refuse_a_lora_file_they_do_not_hold(s
 
     last = engine.run(job(steps=4))  # the group served on after the refusals: the single-device image
     assert np.abs(outcomes[6]["image"].astype(int) - np.asarray(last.images[0]).astype(int)).max() <= 1
+
+
+def test_one_call_of_several_jobs_on_every_rank_refuses_only_the_job_a_helper_cannot_run(settings, engine, tmp_path):
+    unet = engine.pool.get(engine.registry.resolve("tiny-sd"))[0].pipe.unet
+    own, helpers = tmp_path / "rank-0-loras", tmp_path / "rank-1-loras"
+    for folder in (own, helpers):
+        write_lora(folder / "same.safetensors", random_lora(unet, 4, seed=1))
+    write_lora(own / "differs.safetensors", random_lora(unet, 4, seed=2))
+    write_lora(helpers / "differs.safetensors", random_lora(unet, 4, seed=3))
+    jobs = [
+        job(steps=4, prompt="a cat", seed=1),
+        job(steps=4, prompt="a dog", seed=2, loras=[{"name": "differs"}]),  # rank 1's file is another
+        job(steps=4, prompt="a cow", seed=3, loras=[{"name": "same", "scale": 0.8}], num_images=2),
+    ]
+    settings = rank_settings(settings, tmp_path / "data", lora_dir=own)
+    ranks = run_ranks(parallel_ranks.group_batch, 2, settings, jobs, [own, helpers], timeout_s=240)
+    led, followed = pickle.loads(ranks[0]), pickle.loads(ranks[1])
+    assert followed["plans"] == [led["plan"]] and len(led["plan"].jobs) == 3  # one plan, one call, every rank
+    outcomes = led["outcomes"]
+    name, message = outcomes[1]["error"]
+    assert name == "PlanRefused" and "rank 1 cannot run this job's plan: loras[0]: its LoRA 'differs'" in message
+    alone = Engine(settings)  # rank 0's library, one device
+    for index in (0, 2):
+        assert outcomes[index]["batch"].jobs == 2  # the refused job left the call before it began
+        single = np.asarray(alone.run({**jobs[index], "num_images": 1}).images[0]).astype(int)
+        assert np.abs(outcomes[index]["image"].astype(int) - single).max() <= 2
 
 
 def test_a_helper_that_hangs_in_a_job_fails_the_job_within_the_collective_bound(settings, engine, tmp_path):

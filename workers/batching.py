@@ -1,5 +1,5 @@
-"""Request batching in a single-device worker: the job that starts takes compatible jobs from the head of its queue
-into its pipeline call (``Engine.run_members``).
+"""Request batching in a worker: the job that starts takes compatible jobs from the head of its queue into its
+pipeline call (``Engine.run_members``; on a multi-device worker rank 0 takes them and every rank runs the call).
 
 A consumer of our own, not celery-batches: that buffers messages in the worker's main process, which needs an
 unbounded prefetch (``worker_prefetch_multiplier=0``), so one worker would hold every queued job while others idle
@@ -98,6 +98,17 @@ class Companion:
         from fastgen.workers.tasks import JobFailed
 
         self._end(states.FAILURE, JobFailed(message), "failed")
+
+    def hand_back(self) -> None:
+        """Back to the front of its queue, reading queued (its call broke off: a multi-device worker's rank died)."""
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            self.jobs.requeued(self.job_id)
+        except Exception as exc:  # it reads running until its lease lapses, then queued
+            logger.warning("job %s: could not mark it requeued: %s", self.job_id, exc)
+        self.message.requeue()
 
     def _end(self, state: str, result: Any, final: str) -> None:
         if self.ended:

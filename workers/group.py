@@ -2,23 +2,25 @@
 
 ``fastgen worker --devices N`` starts a supervisor and N rank processes in one torch.distributed group (NCCL on
 GPUs, one device per rank; gloo on CPU). Rank 0 is the Celery worker (solo pool: the group lives in its process).
-For each job rank 0 resolves one :class:`RunPlan` (the request with its model's defaults, the seed, the LoRAs with
-their files' SHA-256, the approximate cache's decision) and hands it to the other ranks, which run exactly that plan
-(``Engine.run_resolved``: nothing is validated, looked up or decided again) with the ``parallel`` accelerator bound
+For each pipeline call (a job, and the compatible jobs it took from its queue: ``fastgen.workers.batching``) rank 0
+resolves one :class:`RunPlan` (per job: the request with its model's defaults, the seed, the LoRAs with their files'
+SHA-256, the approximate cache's decision) and hands it to the other ranks, which run exactly that plan
+(``Engine.run_members``: nothing is validated, looked up or decided again) with the ``parallel`` accelerator bound
 to the group's layouts (``fastgen.parallel.layout``), so only the denoiser's work is split. Rank 0 publishes
-progress and stores the result.
+progress and stores the results.
 
-The protocol (:class:`RankGroup`): rank 0 announces each job by number on the *idle* group, where the others wait
-between jobs for as long as it takes; everything inside a job goes over the *job* group and the layouts' groups,
-whose collectives wait at most FASTGEN_JOB_TIMEOUT_S. Per job, in this order, every message carrying the job's
-number: the plan; every rank's readiness (a rank that cannot run the plan, e.g. its own LoRA file is not the
-plan's, fails the job on every rank: ``PlanRefused``, and the group serves the next); then the after-step
-agreement, before the first step and after every step (``RankGroup.agree_after_step``: rank 0's verdict, cancelled
-or past the job's time limit, which the solo pool does not keep; every rank stops at the same step).
+The protocol (:class:`RankGroup`): rank 0 announces each plan by number on the *idle* group, where the others wait
+between calls for as long as it takes; everything inside a call goes over the *job* group and the layouts' groups,
+whose collectives wait at most FASTGEN_JOB_TIMEOUT_S. Per plan, in this order, every message carrying its number:
+the plan; every rank's readiness per job (a job some rank cannot run, e.g. its own LoRA file is not the plan's,
+fails on every rank: ``PlanRefused``; the others run); then, per job, the after-step agreement, before the first
+step and after every step while the job is in the call (``RankGroup.agree_after_step``: rank 0's verdict, cancelled
+or past the time limit, which the solo pool does not keep; every rank drops a job at the same step).
 
 Failure: a collective that fails (a rank died) or waits past its bound (a rank hung) leaves the group out of step:
-rank 0 hands the job back to the queue (Celery ``Reject(requeue=True)``), or fails it when a rank hung
-(``GroupTimedOut``), and stops; the supervisor takes the whole group down and exits non-zero, to be restarted.
+rank 0 hands every job of the call back to the queue (the running one through Celery ``Reject(requeue=True)``), or
+fails them when a rank hung (``GroupTimedOut``), and stops; the supervisor takes the whole group down and exits
+non-zero, to be restarted.
 A rank 0 that is killed leaves its job unacknowledged, and the broker redelivers it (acks late).
 """
 
@@ -29,8 +31,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -43,10 +43,8 @@ import torch.multiprocessing as mp
 from fastgen.accelerators import ACCELERATORS
 from fastgen.cache import open_cache
 from fastgen.cache.approximate import ApproximateCache, CacheRun, Hit, Lookup
-from fastgen.cache.embedder import PromptEmbedding
-from fastgen.engine import CancelFlag, Engine, Generation, ResolvedRequest, StepCallback
+from fastgen.engine import CancelFlag, Engine, Generation, Member, ResolvedRequest
 from fastgen.errors import FastgenError
-from fastgen.jobs import DEFAULT_TENANT
 from fastgen.lora.library import LoraInfo, LoraLibrary, fingerprints
 from fastgen.parallel import layout
 from fastgen.parallel.groups import free_port
@@ -77,23 +75,22 @@ class CacheDecision:
             return None
         return cls(run.hit.entry.id, run.hit.skip, run.hit) if run.hit else cls()
 
-    def for_helper(self, cache: ApproximateCache, pipe, plan: RunPlan) -> CacheRun:
+    def for_helper(self, cache: ApproximateCache, pipe, job: PlannedJob) -> CacheRun:
         """A helper rank's use of it: resume from the same state; capture and store nothing (rank 0 does)."""
         return CacheRun(
             cache,
             pipe,
-            plan.model,
+            job.model,
             None,
-            image_seeds(plan.seed, plan.request.num_images),
+            image_seeds(job.seed, job.request.num_images),
             Lookup("", "", np.zeros(0, np.float32), hit=self.hit),
         )
 
 
 @dataclass(frozen=True)
-class RunPlan:
-    """One job as rank 0 resolved it, which every rank runs as it is (pickled over the job group)."""
+class PlannedJob:
+    """One job of a plan as rank 0 resolved it."""
 
-    number: int  # the job's number in this group: every message of the job carries it
     job_id: str
     tenant: str
     model: str  # the model's registry name
@@ -101,6 +98,20 @@ class RunPlan:
     seed: int
     loras: tuple[tuple[str, str, float], ...] = ()  # (name, SHA-256 of the file, scale): what every rank must load
     cache: CacheDecision | None = None  # None: the request does not use the approximate cache
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One pipeline call as rank 0 resolved it, which every rank runs as it is (pickled over the job group): the
+    running job and the compatible jobs it took from its queue (``fastgen.workers.batching``), in that order."""
+
+    number: int  # the call's number in this group: every message of it carries it
+    jobs: tuple[PlannedJob, ...]
+
+    @property
+    def job_id(self) -> str:
+        """The running job's (the batch's first)."""
+        return self.jobs[0].job_id
 
 
 class PlanRefused(FastgenError):
@@ -178,29 +189,39 @@ class RankGroup:
         """Rank 0: tell the other ranks there are no more jobs."""
         _broadcast(None, self.idle)
 
-    def check_ready(self, plan: RunPlan, problem: str | None = None) -> None:
-        """Every rank says whether it can run ``plan`` (``problem``: why not); if any cannot, PlanRefused on all."""
+    def check_ready(self, plan: RunPlan, problems: list[str | None] | None = None) -> list[str | None]:
+        """Every rank says, per job of ``plan``, whether it can run it (``problems``: why not, None where it can).
+
+        Returns, per job, why some rank cannot run it (the job fails on every rank with PlanRefused), or None."""
+        problems = problems or [None] * len(plan.jobs)
         answers: list = [None] * self.size
-        dist.all_gather_object(answers, (plan.number, problem), group=self.job)
+        dist.all_gather_object(answers, (plan.number, problems), group=self.job)
         if any(number != plan.number for number, _ in answers):
-            raise OutOfStep(f"the ranks are at jobs {[number for number, _ in answers]}, not all at {plan.number}")
-        refusals = [f"rank {rank} cannot run this job's plan: {why}" for rank, (_, why) in enumerate(answers) if why]
-        if refusals:
-            raise PlanRefused("; ".join(refusals))
+            raise OutOfStep(f"the ranks are at plans {[number for number, _ in answers]}, not all at {plan.number}")
+        refusals = []
+        for index in range(len(plan.jobs)):
+            said = [
+                f"rank {rank} cannot run this job's plan: {why[index]}"
+                for rank, (_, why) in enumerate(answers)
+                if why[index]
+            ]
+            refusals.append("; ".join(said) or None)
+        return refusals
 
-    def agree_after_step(self, plan: RunPlan, asked: int, verdict: int = GO_ON) -> int:
-        """The group's one per-step agreement (before the first step and after each): rank 0's ``verdict``.
+    def agree_after_step(self, plan: RunPlan, index: int, asked: int, verdict: int = GO_ON) -> int:
+        """The group's one agreement per job per step (before the first step and after each): rank 0's ``verdict``.
 
-        ``asked``: how many times this job asked before; every rank sends (job, asked), so a rank at another job or
-        step makes every rank raise OutOfStep rather than take a verdict meant for another point of the run.
+        ``index``: the job's place in the plan; ``asked``: how many times this job asked before. Every rank sends
+        (plan, job, asked), so a rank at another point of the run makes every rank raise OutOfStep rather than take a
+        verdict meant for another.
         """
-        mine = torch.tensor([plan.number, asked, verdict], dtype=torch.int64)
+        mine = torch.tensor([plan.number, index, asked, verdict], dtype=torch.int64)
         rows = [torch.empty_like(mine) for _ in range(self.size)]
         dist.all_gather(rows, mine, group=self.job)
-        where = [tuple(row[:2].tolist()) for row in rows]
+        where = [tuple(row[:3].tolist()) for row in rows]
         if len(set(where)) > 1:
-            raise OutOfStep(f"the ranks are at (job, step) {where}")
-        return int(rows[0][2])
+            raise OutOfStep(f"the ranks are at (plan, job, step) {where}")
+        return int(rows[0][3])
 
 
 def _broadcast(value: Any, group) -> Any:
@@ -211,30 +232,30 @@ def _broadcast(value: Any, group) -> Any:
 
 
 class StepAgreement:
-    """The engine's cancel flag on every rank of a group job: each ask is one ``RankGroup.agree_after_step``.
+    """The cancel flag of one job of a group's run on every rank: each ask is one ``RankGroup.agree_after_step``.
 
-    Rank 0's verdict: cancelled (its ``local`` flag), or past ``deadline`` (monotonic; raises JobTimedOut with
-    ``limit_message`` on every rank): rank 0 runs Celery's solo pool, which enforces no time limit, so the group
-    keeps it here.
+    Every rank asks its jobs' flags alike (the engine asks each job's before anything is done for it and after each
+    step while it is in the run; a job leaves on every rank at the same step). Rank 0's verdict: cancelled (its
+    ``local`` flag), or past ``deadline`` (monotonic; raises JobTimedOut with ``limit_message`` on every rank):
+    rank 0 runs Celery's solo pool, which enforces no time limit, so the group keeps it here.
     """
 
     def __init__(
         self,
         group: RankGroup,
         plan: RunPlan,
+        index: int = 0,
         local: CancelFlag | None = None,
         deadline: float | None = None,
         limit_message: str = "the job ran longer than its time limit",  # rank 0's is the one reported
     ):
-        self.group, self.plan, self.local = group, plan, local
+        self.group, self.plan, self.index, self.local = group, plan, index, local
         self.deadline, self.limit_message = deadline, limit_message
-        self.asked = (
-            0  # how many times this job's flag was asked: the engine asks before the first step and after each
-        )
+        self.asked = 0  # how many times this job's flag was asked
 
     def is_set(self) -> bool:
         mine = self._verdict() if self.group.rank == 0 else GO_ON
-        verdict = self.group.agree_after_step(self.plan, self.asked, mine)
+        verdict = self.group.agree_after_step(self.plan, self.index, self.asked, mine)
         self.asked += 1
         if verdict == TIME_UP:
             raise JobTimedOut(self.limit_message)
@@ -246,69 +267,45 @@ class StepAgreement:
         return CANCEL if self.local is not None and self.local.is_set() else GO_ON
 
 
-class PlannedCache:
-    """The engine's cache on every rank of a group: it looks nothing up; it gives the engine the plan's decision.
+def plan_members(engine: Engine, number: int, members: list[Member]) -> RunPlan:
+    """Rank 0: the plan of a call for ``members`` (resolved requests), each member's cache looked up here, once.
 
-    ``cache`` is this rank's approximate cache: rank 0 looks up in it while it resolves a plan and stores what the
-    run captures; the others read only its policy."""
-
-    def __init__(self, cache: ApproximateCache):
-        self.cache = cache
-        self.planned: CacheRun | None = None
-
-    @contextmanager
-    def running(self, planned: CacheRun | None) -> Iterator[None]:
-        self.planned = planned
-        try:
-            yield
-        finally:
-            self.planned = None
-
-    def enabled_for(self, request) -> bool:
-        return self.planned is not None
-
-    def begin(self, pipe, model: str, request, seed: int, tenant: str, adapters=(), embedded=None) -> CacheRun | None:
-        return self.planned
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """Rank 0's plan for a job and its own means to run it: the model, the LoRAs from its library, the cache's run."""
-
-    plan: RunPlan
-    resolved: ResolvedRequest  # with the plan's seed written into the request
-    cached: CacheRun | None
+    Each member's request gets its seed written in (every rank must draw the same starting noise) and its lookup
+    (``Member.looked_up``), so the engine runs them as planned."""
+    jobs = []
+    for member in members:
+        resolved = member.resolved
+        request = resolved.request.model_copy(update={"seed": resolved.seed})
+        member.resolved = ResolvedRequest(resolved.spec, request, resolved.seed, resolved.adapters)
+        loras = fingerprints(resolved.adapters)
+        member.cached, member.looked_up = _look_up(engine, member, loras), True
+        planned = PlannedJob(
+            member.result_id,
+            member.tenant,
+            resolved.spec.name,
+            request,
+            resolved.seed,
+            loras,
+            CacheDecision.of(member.cached),
+        )
+        jobs.append(planned)
+    return RunPlan(number, tuple(jobs))
 
 
-def resolve_plan(
-    engine: Engine,
-    number: int,
-    payload: dict,
-    job_id: str,
-    tenant: str = DEFAULT_TENANT,
-    embedded: PromptEmbedding | None = None,
-) -> Resolved:
-    """Rank 0: the job's plan, and what this rank runs it with (the cache is looked up here, once).
-
-    Raises what ``Engine.prepare`` and the library raise for a request that cannot run (nothing is announced then).
-    """
-    resolved = engine.resolve(payload)
-    spec, seed = resolved.spec, resolved.seed
-    # Every rank must draw the same starting noise: the plan carries the seed rank 0 picked.
-    request = resolved.request.model_copy(update={"seed": seed})
-    loras = fingerprints(resolved.adapters)
-    cached = None
-    if engine.cache is not None:
-        pipe = engine.pool.get(spec)[0].pipe
-        cached = engine.cache.cache.begin(pipe, spec.name, request, seed, tenant, loras, embedded)
-    plan = RunPlan(number, job_id, tenant, spec.name, request, seed, loras, CacheDecision.of(cached))
-    return Resolved(plan, ResolvedRequest(spec, request, seed, resolved.adapters), cached)
+def _look_up(engine: Engine, member: Member, loras) -> CacheRun | None:
+    cache, resolved = engine.cache, member.resolved
+    if cache is None or not cache.enabled_for(resolved.request):
+        return None
+    pipe = engine.pool.get(resolved.spec)[0].pipe
+    return cache.begin(
+        pipe, resolved.spec.name, resolved.request, resolved.seed, member.tenant, loras, member.embedded
+    )
 
 
-def held_adapters(library: LoraLibrary, plan: RunPlan) -> list[tuple[LoraInfo, float]]:
-    """The plan's LoRAs from this rank's library, each the very file rank 0 read; LoraError or LoraMismatch."""
+def held_adapters(library: LoraLibrary, job: PlannedJob) -> list[tuple[LoraInfo, float]]:
+    """The job's LoRAs from this rank's library, each the very file rank 0 read; LoraError or LoraMismatch."""
     held = []
-    for i, (name, sha256, scale) in enumerate(plan.loras):
+    for i, (name, sha256, scale) in enumerate(job.loras):
         info = library.get(name, f"loras[{i}]")
         if info.sha256 != sha256:
             raise LoraMismatch(
@@ -322,38 +319,36 @@ def held_adapters(library: LoraLibrary, plan: RunPlan) -> list[tuple[LoraInfo, f
 def lead(
     engine: Engine,
     group: RankGroup,
-    payload: dict,
-    job_id: str,
-    tenant: str = DEFAULT_TENANT,
-    on_step: StepCallback | None = None,
-    cancel: CancelFlag | None = None,
+    members: list[Member],
     deadline: float | None = None,
     limit_message: str = "the job ran longer than its time limit",
-    embedded: PromptEmbedding | None = None,
-) -> Generation:
-    """Rank 0's side of one job: resolve the plan, announce it, check every rank can run it, run it together.
+) -> list[Generation | BaseException]:
+    """Rank 0's side of one call: plan it, announce it, check every rank can run each job, run them together.
 
-    FastgenError: the job failed the same way on every rank, and the group serves the next. GroupTimedOut (a rank
-    hung) or GroupBroken (a rank died): ``group.broken``, the group must be restarted.
+    Each member gets its Generation or what stopped it (Cancelled, or PlanRefused when a rank cannot run it).
+    FastgenError raised: the call failed the same way on every rank, and the group serves the next. GroupTimedOut (a
+    rank hung) or GroupBroken (a rank died): ``group.broken``, the group must be restarted.
     """
     if group.broken:
         raise GroupBroken("the worker group is out of step since an earlier job")
-    started = time.perf_counter()
-    resolved = resolve_plan(engine, group.next_number(), payload, job_id, tenant, embedded)
-    plan = resolved.plan
+    plan = plan_members(engine, group.next_number(), members)
     try:
         group.announce(plan)
-        group.check_ready(plan)
-        flag = StepAgreement(group, plan, cancel, deadline, limit_message)
-        with _planned(engine, resolved.cached):
-            return engine.run_resolved(resolved.resolved, on_step, flag, job_id, tenant, started=started)
+        refusals = group.check_ready(plan)
+        runnable = []
+        for index, (member, refused) in enumerate(zip(members, refusals, strict=True)):
+            member.cancel = StepAgreement(group, plan, index, member.cancel, deadline, limit_message)
+            if refused is None:
+                runnable.append(member)
+        outcomes = iter(engine.run_members(runnable) if runnable else [])
+        return [PlanRefused(refused) if refused else next(outcomes) for refused in refusals]
     except FastgenError:
         raise  # the same on every rank; the group is still in step
     except Exception as exc:
         group.broken = True
         if not _timed_out(exc):
             raise GroupBroken(f"{type(exc).__name__}: {exc}") from exc
-        logger.error("job %s: a collective timed out (%s)", job_id, exc)
+        logger.error("job %s: a collective timed out (%s)", plan.job_id, exc)
         raise GroupTimedOut(
             f"a rank of the worker group did not answer within {group.timeout_s:g}s (FASTGEN_JOB_TIMEOUT_S): it hung;"
             " the group restarts"
@@ -376,38 +371,37 @@ def follow(engine: Engine, group: RankGroup) -> list[RunPlan]:
     return ran
 
 
-def run_plan(engine: Engine, group: RankGroup, plan: RunPlan) -> Generation:
-    """A helper rank's side of one job: check it can run ``plan`` as it is, say so, and run it with rank 0."""
-    problem, spec, adapters, planned = None, None, [], None
-    try:
-        spec = engine.registry.resolve(plan.model)
-        adapters = held_adapters(engine.loras, plan)
-        if plan.cache is not None:
-            if engine.cache is None:
-                raise FastgenError("the plan resumes from the approximate cache, which this rank does not have")
-            planned = plan.cache.for_helper(engine.cache.cache, engine.pool.get(spec)[0].pipe, plan)
-    except FastgenError as exc:
-        problem = str(exc)
-    group.check_ready(plan, problem)
-    with _planned(engine, planned):
-        # Only rank 0's image is kept: the others stop at the latents rather than decode one to drop it.
-        flag = StepAgreement(group, plan)
-        return engine.run_resolved(
-            ResolvedRequest(spec, plan.request, plan.seed, adapters),
-            cancel=flag,
-            result_id=plan.job_id,
-            tenant=plan.tenant,
-            decode=False,
-        )
+def run_plan(engine: Engine, group: RankGroup, plan: RunPlan) -> list[Generation | BaseException]:
+    """A helper rank's side of one call: check it can run each job of ``plan`` as it is, say so, and run the jobs
+    every rank can run with rank 0."""
+    problems: list[str | None] = []
+    members: list[Member | None] = []
+    for index, job in enumerate(plan.jobs):
+        try:
+            members.append(_helper_member(engine, group, plan, index, job))
+            problems.append(None)
+        except FastgenError as exc:
+            members.append(None)
+            problems.append(str(exc))
+    refusals = group.check_ready(plan, problems)
+    runnable = [member for member, refused in zip(members, refusals, strict=True) if refused is None]
+    # Only rank 0's images are kept: the others stop at the latents rather than decode them to drop them.
+    return engine.run_members(runnable, decode=False) if runnable else []
 
 
-@contextmanager
-def _planned(engine: Engine, planned: CacheRun | None) -> Iterator[None]:
-    if engine.cache is None:
-        yield
-        return
-    with engine.cache.running(planned):
-        yield
+def _helper_member(engine: Engine, group: RankGroup, plan: RunPlan, index: int, job: PlannedJob) -> Member:
+    """A helper rank's member for a planned job, or the FastgenError that says why this rank cannot run it."""
+    spec = engine.registry.resolve(job.model)
+    adapters = held_adapters(engine.loras, job)
+    cached = None
+    if job.cache is not None:
+        if engine.cache is None:
+            raise FastgenError("the plan resumes from the approximate cache, which this rank does not have")
+        cached = job.cache.for_helper(engine.cache, engine.pool.get(spec)[0].pipe, job)
+    resolved = ResolvedRequest(spec, job.request, job.seed, adapters)
+    member = Member(resolved, job.job_id, job.tenant, cancel=StepAgreement(group, plan, index))
+    member.cached, member.looked_up = cached, True
+    return member
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -503,7 +497,7 @@ def job_collective_timeout_s(settings: Settings) -> float:
 
 def rank_engine(settings: Settings, models: list[str], group: RankGroup) -> Engine:
     """This rank's engine: the ``parallel`` row bound to the group's layouts (built here: collective), the cache
-    behind a PlannedCache, ``models`` loaded."""
+    (rank 0 looks up and stores; the others take rank 0's lookups from its plans), ``models`` loaded."""
     settings = _rank_settings(settings, group.rank, group.size)
     # Rank 0 opens the cache first: ranks creating one SQLite store at once would lock each other out.
     cache = open_cache(settings) if group.rank == 0 else None
@@ -511,7 +505,7 @@ def rank_engine(settings: Settings, models: list[str], group: RankGroup) -> Engi
     cache = open_cache(settings) if group.rank else cache
     layouts = layout.RankLayouts.build(group.size, group.timeout)
     row = layout.accelerator(layouts, settings.parallel_mode)
-    engine = Engine(settings, accelerators=ACCELERATORS + (row,), cache=PlannedCache(cache) if cache else None)
+    engine = Engine(settings, accelerators=ACCELERATORS + (row,), cache=cache)
     for name in models:
         engine.pool.get(engine.registry.resolve(name))
     dist.barrier(group=group.idle)  # no job before every rank has loaded: a job's collectives wait only so long
@@ -559,39 +553,18 @@ def _serve_queue(settings: Settings, models: list[str], engine: Engine, group: R
 
 
 class GroupWorkerContext(WorkerContext):
-    """Rank 0's WorkerContext: the same stores, and an engine whose every run the whole group joins (``lead``)."""
+    """Rank 0's WorkerContext: the same stores and batching, and an engine whose every call the whole group joins
+    (``lead``)."""
 
     def __init__(self, settings: Settings, engine: Engine, group: RankGroup):
         super().__init__(settings)
         self.engine = engine  # overrides the cached single-device engine
         self.group = group
 
-    def batches(self) -> bool:
-        return False  # every rank runs rank 0's plan of one job
-
-    def run(
-        self,
-        payload: dict,
-        on_step: StepCallback,
-        cancel: CancelFlag,
-        result_id: str,
-        tenant: str,
-        embedded: PromptEmbedding | None = None,
-    ) -> Generation:
+    def run_members(self, members: list[Member]) -> list[Generation | BaseException]:
         deadline = time.monotonic() + soft_time_limit(self.settings.job_timeout_s)  # as the prefork soft limit
         try:
-            return lead(
-                self.engine,
-                self.group,
-                payload,
-                result_id,
-                tenant,
-                on_step,
-                cancel,
-                deadline,
-                time_limit_message(self.settings),
-                embedded,
-            )
+            return lead(self.engine, self.group, members, deadline, time_limit_message(self.settings))
         finally:
             if self.group.broken:
-                os.kill(os.getpid(), signal.SIGTERM)  # stop taking jobs once this one is handed back or failed
+                os.kill(os.getpid(), signal.SIGTERM)  # stop taking jobs once these are handed back or failed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from contextlib import ExitStack
 from functools import cached_property, partial
 from typing import NoReturn
@@ -73,9 +74,16 @@ class WorkerContext:
         tenant: str,
         embedded: PromptEmbedding | None = None,
     ) -> Generation:
-        return self.engine.run(
-            payload, on_step=on_step, cancel=cancel, result_id=result_id, tenant=tenant, embedded=embedded
-        )
+        started = time.perf_counter()
+        member = Member(self.engine.resolve(payload), result_id, tenant, on_step, cancel, embedded, started)
+        (outcome,) = self.run_members([member])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def run_members(self, members: list[Member]) -> list[Generation | BaseException]:
+        """One pipeline call for ``members`` (``Engine.run_members``); a multi-device worker's whole group joins it."""
+        return self.engine.run_members(members)
 
     def batches(self) -> bool:
         """Whether a job takes compatible queued jobs into its call (``fastgen.workers.batching``)."""
@@ -102,7 +110,11 @@ class WorkerContext:
                 *(self._member(companion, companion_resolved, stack) for companion, companion_resolved in taken),
             ]
             try:
-                outcomes = self.engine.run_members(members)
+                outcomes = self.run_members(members)
+            except GroupBroken:  # every job of the call goes back to its queue (the lead's through Reject)
+                for companion, _ in taken:
+                    companion.hand_back()
+                raise
             except BaseException as exc:  # the call failed: every job in it failed
                 for companion, _ in taken:
                     companion.failed(failure_message(exc, self.settings) if isinstance(exc, Exception) else repr(exc))

@@ -151,7 +151,8 @@ class Engine:
         outcomes: dict[int, Generation | BaseException] = {}
         with loaded.lock:
             for member in live:
-                member.cached = self._look_up(loaded, member)
+                if not member.looked_up:
+                    member.cached = self._look_up(loaded, member)
             for start in sorted({member.start_step for member in live}):
                 group = [member for member in live if member.start_step == start]
                 for member, outcome in zip(group, self._run_together(loaded, load_s, group, decode), strict=True):

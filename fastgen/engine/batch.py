@@ -42,7 +42,8 @@ class Member:
     """One request of a run: its resolved request, whose result it is, and its own progress and cancel flag.
 
     ``on_cancelled`` is told at once when the member's flag is seen set while the others go on; its images are then
-    dropped. ``cached`` is its approximate-cache lookup (None when it does not use the cache)."""
+    dropped. ``cached`` is its approximate-cache lookup (None when it does not use the cache); ``looked_up``: that
+    lookup was made before the run (a multi-device worker's ranks run rank 0's), so the engine makes none."""
 
     resolved: ResolvedRequest
     result_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -53,6 +54,7 @@ class Member:
     started: float = field(default_factory=time.perf_counter)
     on_cancelled: Callable[[Cancelled], None] | None = None
     cached: CacheRun | None = None
+    looked_up: bool = False
     cancelled: Cancelled | None = None
 
     @property
