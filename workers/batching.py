@@ -5,12 +5,12 @@ A consumer of our own, not celery-batches: that buffers messages in the worker's
 unbounded prefetch (``worker_prefetch_multiplier=0``), so one worker would hold every queued job while others idle
 (and a dead one strands them until the visibility timeout), and it flushes on a timer, so a lone request waits.
 Here, when a job starts, its pool process takes the next messages of the same queue (kombu's ``basic_get``) while
-they are compatible (``fastgen.engine.batch.batch_key``; LoRAs may differ, up to the slots, but on a compiled
-denoiser), up to ``FASTGEN_BATCH_MAX`` jobs;
-the first one that is not goes back to the front and runs next, so no job is overtaken by a later one. With nothing
-queued it waits ``FASTGEN_BATCH_WAIT_MS`` at most (0, the default: not at all). Each taken message stays
-unacknowledged until its job has ended, and its job is started and held in the job store like any running job, so
-a worker that dies mid-batch loses none: the broker's sweep hands each back once its hold lapses.
+they are compatible (``fastgen.engine.batch.batch_key``; LoRAs may differ, up to the slots), up to
+``FASTGEN_BATCH_MAX`` jobs; the first one that is not goes back to the front and runs next, so no job is overtaken
+by a later one. With nothing queued it waits ``FASTGEN_BATCH_WAIT_MS`` at most (0, the default: not at all). Each
+taken message stays unacknowledged until its job has ended, and its job is started and held in the job store like
+any running job, so a worker that dies mid-batch loses none: the broker's sweep hands each back once its hold
+lapses.
 
 A job taken this way never passes through Celery's task machinery, so :class:`Companion` writes what Celery writes
 for a task (started, progress, the result or the failure in the result backend) and the job store's final state
@@ -34,8 +34,6 @@ from fastgen.engine import Engine, ResolvedRequest
 from fastgen.engine.batch import batch_key
 from fastgen.errors import Cancelled
 from fastgen.jobs import DEFAULT_TENANT, JobStore
-from fastgen.lora.hotswap import mixes_adapters
-from fastgen.lora.library import fingerprints
 from fastgen.workers.app import CANCELLED, PROGRESS, TASK_NAME, progress_meta, started_meta
 
 if TYPE_CHECKING:
@@ -47,11 +45,9 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.005  # how often an empty queue is asked again while a batch waits for company
 
 
-def shared_by(resolved: ResolvedRequest, mixes_loras: bool) -> str:
-    """What every job of a batch has in common with the first, as one comparable value (their LoRA files too where
-    one call cannot give each its own)."""
-    loras = [] if mixes_loras else fingerprints(resolved.adapters)
-    return json.dumps([batch_key(resolved.request), loras], sort_keys=True)
+def shared_by(resolved: ResolvedRequest) -> str:
+    """What every job of a batch has in common with the first, as one comparable value."""
+    return json.dumps(batch_key(resolved.request), sort_keys=True)
 
 
 @dataclass
@@ -146,8 +142,7 @@ def gathered(
     what it did not acknowledge)."""
     taken: list[tuple[Companion, ResolvedRequest]] = []
     channel = connection.channel()
-    mixes = mixes_adapters(engine.pool.get(lead.spec)[0].pipe)
-    fits = Fits(shared_by(lead, mixes), mixes, engine.settings.lora_slots, {info.sha256 for info, _ in lead.adapters})
+    fits = Fits(shared_by(lead), engine.settings.lora_slots, {info.sha256 for info, _ in lead.adapters})
     try:
         _take(channel, queue, engine, fits, jobs, backend, max_jobs - 1, wait_s, taken)
         yield taken
@@ -163,13 +158,12 @@ class Fits:
     """Whether a job can join the batch: the same shared settings, and no more adapters than the slots hold."""
 
     key: str
-    mixes_loras: bool
     slots: int
     adapters: set[str]
 
     def take(self, resolved: ResolvedRequest) -> bool:
         adapters = self.adapters | {info.sha256 for info, _ in resolved.adapters}
-        if shared_by(resolved, self.mixes_loras) != self.key or len(adapters) > self.slots:
+        if shared_by(resolved) != self.key or len(adapters) > self.slots:
             return False
         self.adapters = adapters
         return True

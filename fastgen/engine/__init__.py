@@ -25,7 +25,6 @@ from fastgen.engine.pool import LoadedPipeline, PipelinePool, resolve_device, re
 from fastgen.engine.run import Generation, ResolvedRequest, Run, call_kwargs, generation_of, run_timings, to_uint8
 from fastgen.errors import Cancelled
 from fastgen.jobs import DEFAULT_TENANT
-from fastgen.lora.hotswap import mixes_adapters
 from fastgen.lora.library import LoraInfo, LoraLibrary, fingerprints
 from fastgen.models.registry import ModelRegistry, ModelSpec
 from fastgen.schema import AccelerationReport, BatchReport, GenerationRequest, GenerationResult, parse_request
@@ -143,11 +142,8 @@ class Engine:
             return [member.cancelled for member in members]
         loaded, load_s = self.pool.get(live[0].resolved.spec)
         keys = {json.dumps(batch_key(m.request), sort_keys=True) for m in members}
-        loras = {fingerprints(m.resolved.adapters) for m in members}
-        if len(keys) > 1 or (len(loras) > 1 and not mixes_adapters(loaded.pipe)):
-            raise ValueError(
-                "the requests of one batch must share their batch key (and LoRAs, on a compiled denoiser)"
-            )
+        if len(keys) > 1:
+            raise ValueError("the requests of one batch must share their batch key")
         outcomes: dict[int, Generation | BaseException] = {}
         with loaded.lock:
             for member in live:

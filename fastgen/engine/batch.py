@@ -3,8 +3,7 @@
 A batch computes its samples together, so everything that shapes the call as a whole must be equal
 (:func:`batch_key`): the model, the size, the steps, the frames, the guidance and the accelerations. What is each
 request's own travels per sample: the prompt, the negative prompt, the seeds (one per image) and the LoRAs (each
-adapted layer adds each sample's own update: ``fastgen.lora.segmented``; a compiled denoiser runs one set of LoRAs
-per call, so there they must be equal too). The
+adapted layer adds each sample's own update: ``fastgen.lora.segmented``, on a compiled denoiser too). The
 approximate cache's start step must be equal too; it is known only after each request's lookup, so the engine runs
 one call per start step among the requests it is given.
 """

@@ -37,7 +37,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fastgen.lora.library import LoraError, LoraInfo, LoraLibrary
-from fastgen.lora.segmented import SegmentedForward
+from fastgen.lora.segmented import BucketedForward, SegmentedForward
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class SegmentedLoras:
     """Different adapters per member in one call; ``remove()`` restores every layer and switches the slots off."""
 
     slots: AdapterSlots
-    forward: SegmentedForward
+    forward: SegmentedForward | BucketedForward
     reports: list[list[dict[str, Any]]]  # per member, its adapters' reports
 
     def remove(self) -> None:
@@ -129,12 +129,6 @@ class SegmentedLoras:
 
     def report(self) -> list[dict[str, Any] | None]:
         return [{"adapters": items, "segmented": True} if items else None for items in self.reports]
-
-
-def mixes_adapters(pipe) -> bool:
-    """Whether one call on ``pipe`` can give different requests different adapters (not with a compiled denoiser)."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    return denoiser is not None and not _compiled(denoiser)
 
 
 class AdapterSlots:
@@ -157,6 +151,7 @@ class AdapterSlots:
         # (name, sha256) -> the adapter as swapped, LRU first, within the library's host memory budget
         self._swapped: OrderedDict[tuple[str, str], Swapped] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-swap")
+        self._bucketed: BucketedForward | None = None  # a compiled denoiser's segmented forwards, made once per layout
 
     def activate(self, adapters: list[tuple[LoraInfo, float]], apply_by_step: int = 0) -> ActiveLoras:
         """Make ``adapters`` (with their scales) the active ones for one request."""
@@ -185,9 +180,8 @@ class AdapterSlots:
     def activate_rows(self, members: list[list[tuple[LoraInfo, float]]], images: list[int]) -> SegmentedLoras:
         """Each member's adapters (with their scales) for its own ``images`` rows of one call, different per member
         (Punica's segmented LoRA, ``fastgen.lora.segmented``): every adapter the batch needs is put in a slot of its
-        own first (synchronously), then each adapted layer adds every row's own update to its base output."""
-        if _compiled(getattr(self.pipe, self.prefix)):
-            raise ValueError("a compiled denoiser runs one set of adapters per call")
+        own first (synchronously), then each adapted layer adds every row's own update to its base output (on a
+        compiled denoiser through ``BucketedForward``: one graph per bucket)."""
         converted = [[self.convert(info, f"loras[{i}]") for i, (info, _) in enumerate(m)] for m in members]
         self._ensure_layout([c for member in converted for c in member])
         wanted = {(c.info.name, c.info.sha256) for member in converted for c in member}
@@ -206,7 +200,14 @@ class AdapterSlots:
                 slot = slots[(c.info.name, c.info.sha256)]
                 row.append((slot, {layer: scale * value for layer, value in self.scalings[slot].items()}))
             rows += [row] * count
+        if _compiled(getattr(self.pipe, self.prefix)):
+            return SegmentedLoras(self, self._bucketed_forward().use(rows), reports)
         return SegmentedLoras(self, SegmentedForward(self.layers, rows), reports)
+
+    def _bucketed_forward(self) -> BucketedForward:
+        if self._bucketed is None or self._bucketed.layers is not self.layers:  # a rebuilt layout has new layers
+            self._bucketed = BucketedForward(self.layers, sorted(self.holding))
+        return self._bucketed
 
     def _place(self, c: Converted, scale: float, wanted: set, slots: dict[tuple[str, str], str]) -> dict[str, Any]:
         """Put one adapter of a batch in a slot (or find it resident); its report."""

@@ -10,6 +10,13 @@ batched matmuls (``torch.bmm``): no loop over samples or adapters in Python, the
 A row's adapters are its request's (a request without any has none: its rows get the base layer alone). A batch with
 guidance holds each sample several times (unconditional rows, then conditional ones), so the row indices repeat.
 Removing the handle puts each layer's own forward back and switches every slot off: the base model exactly.
+
+A compiled denoiser (``torch.compile``) must not be traced again for every batch: there :class:`BucketedForward`
+gives each adapted layer one forward for good (the same function object every batch), which gathers from *all*
+the slots' weights inside the graph by each row's indices and scales, tensors kept per (samples, adapters per
+sample) bucket and filled in place per batch. A graph then depends only on the batch's size and how many adapters
+its widest request has (and torch's automatic dynamic shapes may fold batch sizes together): new adapters, scales
+or mixes within a bucket run the graph already compiled.
 """
 
 from __future__ import annotations
@@ -70,6 +77,13 @@ class RowUpdates:
         return self.index.repeat(repeats, 1), self.scale.repeat(repeats, 1)
 
 
+def _conv_args(layer: BaseTunerLayer, slot: str) -> dict[str, Any] | None:
+    first = layer.lora_A[slot]
+    if isinstance(first, torch.nn.Conv2d):
+        return {"stride": first.stride, "padding": first.padding, "dilation": first.dilation}
+    return None
+
+
 def row_updates(layer: BaseTunerLayer, rows: list[list[tuple[str, float]]]) -> RowUpdates | None:
     """``layer``'s updates for rows that each use (slot, scale) pairs, the scale already the layer's own (the request's
     times the adapter's alpha / rank there); None when no row adapts this layer."""
@@ -86,11 +100,7 @@ def row_updates(layer: BaseTunerLayer, rows: list[list[tuple[str, float]]]) -> R
     a = torch.stack([layer.lora_A[slot].weight for slot in used]).detach()
     b = torch.stack([layer.lora_B[slot].weight for slot in used]).detach()
     b = b.reshape(*b.shape[:3])  # a Conv2d's 1x1 lora_B as a matrix
-    first = layer.lora_A[used[0]]
-    conv = None
-    if isinstance(first, torch.nn.Conv2d):
-        conv = {"stride": first.stride, "padding": first.padding, "dilation": first.dilation}
-    return RowUpdates(a, b, index.to(a.device), scale.to(a.device, a.dtype), conv)
+    return RowUpdates(a, b, index.to(a.device), scale.to(a.device, a.dtype), _conv_args(layer, used[0]))
 
 
 class SegmentedForward:
@@ -117,3 +127,70 @@ def _forward(layer: BaseTunerLayer, updates: RowUpdates):
         return result + updates.delta(x).to(result.dtype)
 
     return forward
+
+
+@dataclass
+class Bucket:
+    """One layer's per-row slot positions and scales for batches of one (samples, width) shape, filled in place."""
+
+    index: torch.Tensor  # [samples, width]: positions among all the slots
+    scale: torch.Tensor  # [samples, width]: 0 for padding and where a row's adapter does not adapt the layer
+
+
+class BucketedForward:
+    """A compiled denoiser's segmented LoRA: each adapted layer's one forward, reading its current bucket.
+
+    ``slots``: every slot, in a fixed order (a row's indices are positions in it). ``use(rows)`` makes a batch's rows
+    current, ``remove()`` puts each layer's own forward back (the compiled graph of the plain path then runs again).
+    """
+
+    def __init__(self, layers: dict[str, BaseTunerLayer], slots: list[str]):
+        self.layers, self.slots = layers, slots
+        self.buckets: dict[str, dict[tuple[int, int], Bucket]] = {name: {} for name in layers}
+        self.current: dict[str, Bucket] = {}
+        self.forwards = {name: self._forward(name, layer) for name, layer in layers.items()}
+
+    def use(self, rows: list[list[tuple[str, dict[str, float]]]]) -> BucketedForward:
+        """``rows``: per sample, (slot, its scale in each layer it adapts), as ``SegmentedForward`` takes them."""
+        width = max(1, *(len(row) for row in rows))
+        position = {slot: i for i, slot in enumerate(self.slots)}
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, row in enumerate(rows):
+            for k, (slot, _) in enumerate(row):
+                index[r, k] = position[slot]
+        for name, layer in self.layers.items():
+            scale = torch.zeros(len(rows), width)
+            for r, row in enumerate(rows):
+                for k, (_, scales) in enumerate(row):
+                    scale[r, k] = scales.get(name, 0.0)
+            self.current[name] = self._fill(name, layer, index, scale)
+            layer.forward = self.forwards[name]
+        return self
+
+    def _fill(self, name: str, layer: BaseTunerLayer, index: torch.Tensor, scale: torch.Tensor) -> Bucket:
+        weight = layer.lora_A[self.slots[0]].weight
+        bucket = self.buckets[name].get(tuple(index.shape))
+        if bucket is None:
+            bucket = Bucket(torch.empty_like(index, device=weight.device), torch.empty_like(scale, dtype=weight.dtype))
+            self.buckets[name][tuple(index.shape)] = bucket
+        bucket.index.copy_(index)
+        bucket.scale.copy_(scale)
+        return bucket
+
+    def _forward(self, name: str, layer: BaseTunerLayer):
+        conv = _conv_args(layer, self.slots[0])
+
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            result = layer.base_layer(x, *args, **kwargs)
+            a = torch.stack([layer.lora_A[slot].weight for slot in self.slots])
+            b = torch.stack([layer.lora_B[slot].weight for slot in self.slots])
+            bucket = self.current[name]
+            updates = RowUpdates(a, b.reshape(*b.shape[:3]), bucket.index, bucket.scale, conv)
+            return result + updates.delta(x).to(result.dtype)
+
+        return forward
+
+    def remove(self) -> None:
+        for layer in self.layers.values():
+            layer.__dict__.pop("forward", None)
+        self.current = {}
