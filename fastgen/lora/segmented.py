@@ -21,7 +21,7 @@ or mixes within a bucket run the graph already compiled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,24 +37,19 @@ class RowUpdates:
 
     a: torch.Tensor  # [slots, rank, in] (Linear) or [slots, rank, in, kh, kw] (Conv2d)
     b: torch.Tensor  # [slots, out, rank]
-    index: torch.Tensor  # [samples, k]: positions in the stacks, per sample (padded with 0)
-    scale: torch.Tensor  # [samples, k]: 0 for padding
+    index: torch.Tensor  # [rows, k]: positions in the stacks, per sample (padded with 0)
+    scale: torch.Tensor  # [rows, k]: 0 for padding
     conv: dict[str, Any] | None = None  # lora_A's stride, padding and dilation for a Conv2d layer
-    gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # per sample: A^T, scaled B^T (``per_sample``)
+    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # rows -> per-row A^T, sB^T
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """Every row's update: ``sum_k scale[r, k] * B[index[r, k]] A[index[r, k]] x[r]``."""
         rows = x.shape[0]
         x = x.to(self.a.dtype)
         if self.conv is None:
-            # Guidance repeats each sample's rows (all samples, then all again): each sample's repeats are taken as
-            # more tokens of it, so the weights are gathered per sample (not per row: twice the memory with CFG).
-            samples, repeats = self.index.shape[0], self.repeats(rows)
-            a_t, b_t = self.per_sample()
-            tokens = x.reshape(repeats, samples, -1, x.shape[-1]).transpose(0, 1).reshape(samples, -1, x.shape[-1])
-            out = torch.bmm(torch.bmm(tokens, a_t), b_t)  # [samples, repeats * tokens, out]
-            out = out.reshape(samples, repeats, -1, out.shape[-1]).transpose(0, 1)
-            return out.reshape(*x.shape[:-1], out.shape[-1])
+            a_t, b_t = self.per_row(rows)
+            flat = x.reshape(rows, -1, x.shape[-1])  # [rows, tokens, in]
+            return torch.bmm(torch.bmm(flat, a_t), b_t).reshape(*x.shape[:-1], self.b.shape[1])
         index, scale = self.rows_of(rows)
         slots, rank = self.a.shape[:2]
         hidden = F.conv2d(x, self.a.reshape(slots * rank, *self.a.shape[2:]), **self.conv)  # every slot's A at once
@@ -62,27 +57,23 @@ class RowUpdates:
         hidden = hidden[torch.arange(rows, device=x.device)[:, None], index] * scale[:, :, None, None, None]
         return torch.einsum("rkqhw,rkoq->rohw", hidden, self.b[index])
 
-    def per_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sample's adapters' A (transposed, side by side) and scaled B (stacked): gathered once per batch, so
-        every step runs two batched matmuls and nothing else. ``[samples, in, k*rank]``, ``[samples, k*rank, out]``."""
-        if self.gathered is None:
-            samples, width = self.index.shape[0], self.index.shape[1] * self.a.shape[1]
-            a_t = self.a[self.index].reshape(samples, width, -1).transpose(1, 2).contiguous()
-            scaled = self.b[self.index] * self.scale[:, :, None, None]  # [samples, k, out, rank]
-            b_t = scaled.permute(0, 1, 3, 2).reshape(samples, width, -1).contiguous()
-            self.gathered = (a_t, b_t)
-        return self.gathered
-
-    def repeats(self, rows: int) -> int:
-        """How many times a batch of ``rows`` holds each sample (guidance: once per branch)."""
-        repeats, rest = divmod(rows, self.index.shape[0])
-        if rest:
-            raise ValueError(f"a batch of {rows} rows for {self.index.shape[0]} samples")
-        return repeats
+    def per_row(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's adapters' A (transposed, side by side) and scaled B (stacked): gathered once per batch size, so
+        every step runs two batched matmuls and nothing else. ``[rows, in, k*rank]``, ``[rows, k*rank, out]``."""
+        if rows not in self.gathered:
+            index, scale = self.rows_of(rows)
+            width = index.shape[1] * self.a.shape[1]
+            a_t = self.a[index].reshape(rows, width, -1).transpose(1, 2).contiguous()
+            scaled = self.b[index] * scale[:, :, None, None]  # [rows, k, out, rank]
+            b_t = scaled.permute(0, 1, 3, 2).reshape(rows, width, -1).contiguous()
+            self.gathered[rows] = (a_t, b_t)
+        return self.gathered[rows]
 
     def rows_of(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-row indices and scales for a batch of ``rows`` (guidance repeats each sample's rows)."""
-        repeats = self.repeats(rows)
+        repeats, rest = divmod(rows, self.index.shape[0])
+        if rest:
+            raise ValueError(f"a batch of {rows} rows for {self.index.shape[0]} samples")
         return self.index.repeat(repeats, 1), self.scale.repeat(repeats, 1)
 
 
