@@ -277,29 +277,13 @@ def plan_members(engine: Engine, number: int, members: list[Member]) -> RunPlan:
         resolved = member.resolved
         request = resolved.request.model_copy(update={"seed": resolved.seed})
         member.resolved = ResolvedRequest(resolved.spec, request, resolved.seed, resolved.adapters)
+        member.cached, member.looked_up = engine.look_up(engine.pool.get(resolved.spec)[0], member), True
         loras = fingerprints(resolved.adapters)
-        member.cached, member.looked_up = _look_up(engine, member, loras), True
-        planned = PlannedJob(
-            member.result_id,
-            member.tenant,
-            resolved.spec.name,
-            request,
-            resolved.seed,
-            loras,
-            CacheDecision.of(member.cached),
+        cache = CacheDecision.of(member.cached)
+        jobs.append(
+            PlannedJob(member.result_id, member.tenant, resolved.spec.name, request, resolved.seed, loras, cache)
         )
-        jobs.append(planned)
     return RunPlan(number, tuple(jobs))
-
-
-def _look_up(engine: Engine, member: Member, loras) -> CacheRun | None:
-    cache, resolved = engine.cache, member.resolved
-    if cache is None or not cache.enabled_for(resolved.request):
-        return None
-    pipe = engine.pool.get(resolved.spec)[0].pipe
-    return cache.begin(
-        pipe, resolved.spec.name, resolved.request, resolved.seed, member.tenant, loras, member.embedded
-    )
 
 
 def held_adapters(library: LoraLibrary, job: PlannedJob) -> list[tuple[LoraInfo, float]]:

@@ -148,14 +148,14 @@ class Engine:
         with loaded.lock:
             for member in live:
                 if not member.looked_up:
-                    member.cached = self._look_up(loaded, member)
+                    member.cached = self.look_up(loaded, member)
             for start in sorted({member.start_step for member in live}):
                 group = [member for member in live if member.start_step == start]
                 for member, outcome in zip(group, self._run_together(loaded, load_s, group, decode), strict=True):
                     outcomes[id(member)] = outcome
         return [outcomes.get(id(member), member.cancelled) for member in members]
 
-    def _look_up(self, loaded: LoadedPipeline, member: Member) -> CacheRun | None:
+    def look_up(self, loaded: LoadedPipeline, member: Member) -> CacheRun | None:
         """The member's approximate-cache lookup (a hit says where it starts), or None when it does not use it."""
         if self.cache is None or not self.cache.enabled_for(member.request):
             return None
