@@ -148,6 +148,9 @@ class BucketedForward:
         self.layers, self.slots = layers, slots
         self.buckets: dict[str, dict[tuple[int, int], Bucket]] = {name: {} for name in layers}
         self.current: dict[str, Bucket] = {}
+        # Every slot's A and B of each layer, stacked once and refreshed in place per batch (a swap between batches
+        # changes them), so the steps read them rather than stack them again on every call.
+        self.stacked = {name: self._stack(layer) for name, layer in layers.items()}
         self.forwards = {name: self._forward(name, layer) for name, layer in layers.items()}
 
     def use(self, rows: list[list[tuple[str, dict[str, float]]]]) -> BucketedForward:
@@ -164,8 +167,22 @@ class BucketedForward:
                 for k, (_, scales) in enumerate(row):
                     scale[r, k] = scales.get(name, 0.0)
             self.current[name] = self._fill(name, layer, index, scale)
+            self._refresh(name, layer)
             layer.forward = self.forwards[name]
         return self
+
+    @torch.no_grad()
+    def _refresh(self, name: str, layer: BaseTunerLayer) -> None:
+        a, b = self.stacked[name]
+        for i, slot in enumerate(self.slots):
+            a[i].copy_(layer.lora_A[slot].weight)
+            b[i].copy_(layer.lora_B[slot].weight.reshape(b.shape[1:]))
+
+    @torch.no_grad()
+    def _stack(self, layer: BaseTunerLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.stack([layer.lora_A[slot].weight for slot in self.slots])
+        b = torch.stack([layer.lora_B[slot].weight for slot in self.slots])
+        return a, b.reshape(*b.shape[:3])  # a Conv2d's 1x1 lora_B as a matrix
 
     def _fill(self, name: str, layer: BaseTunerLayer, index: torch.Tensor, scale: torch.Tensor) -> Bucket:
         weight = layer.lora_A[self.slots[0]].weight
@@ -182,10 +199,8 @@ class BucketedForward:
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = layer.base_layer(x, *args, **kwargs)
-            a = torch.stack([layer.lora_A[slot].weight for slot in self.slots])
-            b = torch.stack([layer.lora_B[slot].weight for slot in self.slots])
-            bucket = self.current[name]
-            updates = RowUpdates(a, b.reshape(*b.shape[:3]), bucket.index, bucket.scale, conv)
+            (a, b), bucket = self.stacked[name], self.current[name]
+            updates = RowUpdates(a, b, bucket.index, bucket.scale, conv)
             return result + updates.delta(x).to(result.dtype)
 
         return forward
