@@ -223,3 +223,22 @@ def on_redis(data_dir: Path, redis_url: str, **settings: str) -> Iterator[Simple
     finally:
         api.stop()
         sd_worker.stop()
+
+
+def running(client: FastgenClient, job_id: str, step: int = 1) -> bool:
+    """Whether the job has reported at least ``step`` steps done."""
+    return (client.status(job_id).get("progress") or {}).get("step", 0) >= step
+
+
+def cancel_one_of_a_call(client: FastgenClient, first: str, second: str) -> dict:
+    """Cancel ``second`` while it runs in ``first``'s call: it reads cancelled within 5 s while ``first`` goes on;
+    ``first``'s final status."""
+    wait_until(lambda: running(client, second, 2), 120, "the second job to run in the first's call")
+    client.cancel(second)
+    asked = time.monotonic()
+    assert client.wait(second, timeout_s=30, poll_s=0.02)["status"] == "cancelled"
+    assert time.monotonic() - asked < 5
+    assert client.status(first)["status"] == "running"  # the call goes on for the other
+    status = client.wait(first, timeout_s=120)
+    assert status["status"] == "succeeded" and status["result"]["batch"]["others"] == [second], status
+    return status

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
-from services import Api, on_redis, service_env, wait_until, worker
+from services import Api, cancel_one_of_a_call, on_redis, running, service_env, wait_until, worker
 
 from fastgen.settings import Settings
 from fastgen.workers.app import TASK_NAME, create_celery, queue_name
@@ -31,11 +30,6 @@ def service(redis_url, tmp_path_factory):
 def client(service):
     with service.api.client() as client:
         yield client
-
-
-def running(client, job_id: str, step: int = 1) -> bool:
-    progress = client.status(job_id).get("progress")
-    return bool(progress and progress["step"] >= step)
 
 
 def hold_the_worker(client) -> str:
@@ -74,14 +68,7 @@ def test_a_batched_job_cancelled_mid_call_reads_cancelled_at_once_and_the_others
     blocker = hold_the_worker(client)
     first, second = (client.submit(quick(width=256, height=256, steps=60, seed=s))["id"] for s in (1, 2))
     release(client, blocker)
-    wait_until(lambda: running(client, second, 2), 120, "the second job to run in the first's call")
-    client.cancel(second)
-    asked = time.monotonic()
-    assert client.wait(second, timeout_s=30, poll_s=0.02)["status"] == "cancelled"
-    assert time.monotonic() - asked < 5
-    assert client.status(first)["status"] == "running"  # the call goes on for the other
-    status = client.wait(first, timeout_s=120)
-    assert status["status"] == "succeeded" and status["result"]["batch"]["others"] == [second]
+    cancel_one_of_a_call(client, first, second)
 
 
 def test_a_job_that_cannot_run_fails_alone_and_its_neighbours_share_the_call(service, client):
