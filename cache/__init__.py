@@ -4,12 +4,15 @@ Text-to-Image Diffusion Models", Nirvana, NSDI 2024).
 Installed as ``fastgen.cache``. A similar earlier prompt's stored latent after K steps lets a request run only
 the remaining steps. Modules: ``embedder`` (prompt vectors), ``index`` (FAISS nearest neighbours), ``store``
 (shared records, LCBFU eviction, counters), ``states`` (state files over fsspec), ``policy`` (marks and the
-similarity-to-K table), ``resume`` (exact resumption per scheduler), ``approximate`` (what the engine calls).
+similarity-to-K table), ``resume`` (exact resumption per scheduler), ``approximate`` (what the engine calls),
+``check`` and ``calibrate`` (the quality-aware check at resume time and the per-model tables it reads), ``predict``
+(the denoiser's predictions the check compares).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,11 +26,16 @@ def open_cache(settings: Settings) -> ApproximateCache | None:
     if settings.cache_bytes == 0:
         return None
     from fastgen.cache.approximate import ApproximateCache, CacheConfig
-    from fastgen.cache.policy import POLICIES
+    from fastgen.cache.check import BUILT_IN, load_calibrations
+    from fastgen.cache.policy import FASTGEN, POLICIES, QUALITY
     from fastgen.cache.states import StateFiles
     from fastgen.cache.store import open_cache_store
 
-    policy = POLICIES[settings.cache_policy]
+    calibrations = {}
+    if settings.cache_policy == QUALITY:  # fastgen's policy, with each calibrated model's own table
+        folders = [BUILT_IN, *([Path(settings.cache_calibrations)] if settings.cache_calibrations else [])]
+        calibrations = load_calibrations(folders)
+    policy = POLICIES.get(settings.cache_policy, FASTGEN)
     if settings.cache_threshold_table is not None:
         policy = dataclasses.replace(policy, thresholds=settings.cache_threshold_table)
     config = CacheConfig(
@@ -37,6 +45,7 @@ def open_cache(settings: Settings) -> ApproximateCache | None:
         share_across_tenants=settings.cache_share_tenants,
         index=settings.cache_index,
         default_on=settings.cache_default,
+        calibrations=calibrations,
     )
     store = open_cache_store(settings.broker_url, settings.data_dir, settings.cache_url)
     return ApproximateCache(config, store, StateFiles(settings.cache_url))

@@ -11,6 +11,10 @@ steps to skip; during the run it captures the states at the policy's marks; :met
 stores them, evicts under the byte budget and reports what happened. Any cache failure (a missing or
 corrupt state file, a state that does not fit the request, an unreachable store) is logged and turns into a miss;
 it never fails the job.
+
+With calibrated tables (``calibrations``: FASTGEN_CACHE_POLICY=quality), a model that has one for this embedder looks
+up with its own policy, and a hit whose skip needs it is checked first against what the model itself says about the new
+prompt (``fastgen.cache.check``): the check may lower K or turn the hit into a miss, and says so in the result.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -27,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fastgen.cache import resume
+from fastgen.cache.check import Calibration, Verdict, distance, granted
 from fastgen.cache.embedder import Embedder, PipelineEmbedder, PromptEmbedding, load_sentence_embedder
 from fastgen.cache.index import IndexKind, VectorIndex
 from fastgen.cache.policy import CachePolicy
@@ -47,6 +53,7 @@ class CacheConfig:
     share_across_tenants: bool = False  # True lets one tenant's prompts seed another's images
     index: IndexKind = "flat"
     default_on: bool = False  # for requests that do not say
+    calibrations: dict[tuple[str, str], Calibration] = field(default_factory=dict)  # (model, embedder) -> its table
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class Lookup:
     reason: str = ""
     seconds: float = 0.0
     embedded_at_door: bool = False
+    policy: CachePolicy | None = None  # the model's: calibrated, or the cache's
+    check: Verdict | None = None  # the quality-aware check's say, where the policy has one
 
 
 def compatibility_key(spec_name: str, pipe, request: GenerationRequest, adapters: tuple = ()) -> dict[str, Any]:
@@ -218,6 +227,11 @@ class ApproximateCache:
         self._embedders: dict[str, Embedder] = {}
         self._embedder_lock = threading.Lock()
 
+    def policy_for(self, model: str) -> CachePolicy:
+        """The model's calibrated policy for this cache's embedder, or the cache's own where it has no table."""
+        calibration = self.config.calibrations.get((model, self.config.embedder))
+        return self.config.policy if calibration is None else calibration.policy(self.config.policy)
+
     def enabled_for(self, request: GenerationRequest) -> bool:
         wanted = request.accelerate.cache.enabled
         return self.config.default_on if wanted is None else wanted
@@ -241,11 +255,14 @@ class ApproximateCache:
         tenant: str,
         adapters: tuple = (),
         embedded: PromptEmbedding | None = None,
+        probe: Callable[[resume.State], Any] | None = None,
     ) -> CacheRun | None:
         """Look the request up; None when the request does not use the cache or the scheduler cannot resume.
 
         ``adapters``: the request's LoRAs as (name, checksum, scale), part of what entries must agree on.
         ``embedded``: the prompt's vector if the door computed it (used when it comes from this cache's embedder).
+        ``probe``: the denoiser's conditional prediction for this request from a stored state's latents, for the
+        quality-aware check (without it, a skip that needs the check is not granted).
         """
         if not self.enabled_for(request):
             return None
@@ -253,7 +270,7 @@ class ApproximateCache:
         if reason is not None:
             return CacheRun.unusable(self, model, reason)
         try:
-            lookup = self.lookup(pipe, model, request, tenant, adapters, embedded)
+            lookup = self.lookup(pipe, model, request, tenant, adapters, embedded, probe)
         except Exception as exc:  # the cache is an optimisation: never fail a job for it
             logger.exception("cache lookup failed; running uncached")
             return CacheRun.unusable(self, model, f"cache unavailable: {type(exc).__name__}")
@@ -267,6 +284,7 @@ class ApproximateCache:
         tenant: str,
         adapters: tuple = (),
         embedded: PromptEmbedding | None = None,
+        probe: Callable[[resume.State], Any] | None = None,
     ) -> Lookup:
         started = time.perf_counter()
         embedder = self.embedder(pipe, model)
@@ -274,9 +292,9 @@ class ApproximateCache:
         partition = digest([owner, embedder.name, compatibility_key(model, pipe, request, adapters)])
         at_door = embedded is not None and embedded.usable_for(embedder, request.prompt)
         vector = embedded.vector if at_door else embedder.embed(request.prompt)
-        lookup = Lookup(partition, prompt_key(request.prompt), vector, embedded_at_door=at_door)
+        policy, steps = self.policy_for(model), request.steps
+        lookup = Lookup(partition, prompt_key(request.prompt), vector, embedded_at_door=at_door, policy=policy)
         self.index.sync()
-        policy, steps = self.config.policy, request.steps
         floor = max(policy.lowest_similarity, request.accelerate.cache.min_similarity or 0.0)
         best: tuple[int, float, Entry] | None = None
         candidates = self.index.candidates(partition, lookup.prompt_id, vector, policy.candidates)
@@ -287,13 +305,60 @@ class ApproximateCache:
             usable = [k for k in entry.marks if k <= allowed]
             if usable and (best is None or (max(usable), similarity) > best[:2]):
                 best = (max(usable), similarity, entry)
+        if best is not None and policy.check:
+            best = self._checked(lookup, best, steps, probe)
         if best is None:
-            lookup.reason = miss_reason(candidates, floor, request.accelerate.cache.min_similarity)
+            lookup.reason = lookup.reason or miss_reason(candidates, floor, request.accelerate.cache.min_similarity)
         else:
             wanted = resume.expected(pipe, request.width, request.height, request.num_frames)
             lookup.hit, lookup.reason = self._load(model, best, wanted)
         lookup.seconds = time.perf_counter() - started
         return lookup
+
+    def _checked(
+        self, lookup: Lookup, best: tuple[int, float, Entry], steps: int, probe
+    ) -> tuple[int, float, Entry] | None:
+        """``best`` with the skip the quality-aware check grants (None: refused), its verdict kept in ``lookup``."""
+        k_asked, similarity, entry = best
+        policy = lookup.policy
+        usable = [k for k in entry.marks if k <= policy.skip(similarity, steps)]
+        if policy.max_distance(k_asked, steps) is None:
+            lookup.check = Verdict("not needed", k_asked, k_asked)
+        elif entry.prompt_id == lookup.prompt_id:  # the same text: the model says the same, nothing to compare
+            lookup.check = Verdict("repeat", k_asked, k_asked)
+        else:
+            lookup.check = self._measure(policy, entry, usable, steps, k_asked, probe)
+        k = lookup.check.k
+        if k == 0:
+            lookup.reason = f"the nearest earlier prompt is {similarity:.2f} alike, but the check refused it: " + (
+                lookup.check.reason or f"the model's predictions differ by {lookup.check.distance:.3f}"
+            )
+            return None
+        return k, similarity, entry
+
+    def _measure(
+        self, policy: CachePolicy, entry: Entry, usable: list[int], steps: int, k_asked: int, probe
+    ) -> Verdict:
+        """Probe the new prompt on the entry's earliest stored latents and grant the marks its distance allows."""
+        started, at = time.perf_counter(), policy.check_step(steps)
+        measured, reason, limit = None, "", policy.max_distance(k_asked, steps)
+        try:
+            if probe is None:
+                reason = "this worker cannot run the check"
+            elif at not in entry.marks:
+                reason = f"the state the check compares against (step {at}) was evicted"
+            else:
+                state = self.files.read(entry.id, at)
+                if state.prediction is None:
+                    reason = f"the state of step {at} holds no prediction to compare against"
+                else:
+                    measured = distance(probe(state), state.prediction)
+        except Exception as exc:  # a failed check grants only what needs none; it never fails the job
+            logger.exception("cache check failed")
+            reason = f"the check failed ({type(exc).__name__})"
+        k = granted(policy, usable, steps, measured)
+        verdict = "unavailable" if measured is None else "passed" if k == k_asked else "lowered" if k else "refused"
+        return Verdict(verdict, k_asked, k, at, measured, limit, time.perf_counter() - started, reason)
 
     def _load(self, model: str, best: tuple[int, float, Entry], wanted: resume.Expected) -> tuple[Hit | None, str]:
         skip, similarity, entry = best
@@ -374,18 +439,24 @@ class CacheRun:
         """The steps whose states this run stores (computed once: it is asked after every denoising step)."""
         if self.request is None or (self.hit and not self._stores_after_hit()):
             return ()
-        return tuple(k for k in self.cache.config.policy.marks(self.request.steps) if k > self.skipped)
+        return tuple(k for k in self.lookup.policy.marks(self.request.steps) if k > self.skipped)
+
+    @cached_property
+    def prediction_step(self) -> int | None:
+        """The mark whose state also keeps the run's own prediction, for later requests' checks (None: no check)."""
+        step = self.lookup.policy.check_step(self.request.steps) if self.request is not None else None
+        return step if step in self.marks else None
 
     def _stores_after_hit(self) -> bool:
         hit = self.hit
-        return self.cache.config.policy.stores_after_hit(hit.similarity) and len(hit.entry.lineage) < MAX_LINEAGE
+        return self.lookup.policy.stores_after_hit(hit.similarity) and len(hit.entry.lineage) < MAX_LINEAGE
 
     def start_states(self) -> list[resume.State]:
         """On a hit, each image's state to resume from: the matched one, reseeded to the image's seed where the policy
         says so; nothing on a miss."""
         if self.hit is None:
             return []
-        stored, reseed = self.hit.state, self.cache.config.policy.reseed
+        stored, reseed = self.hit.state, self.lookup.policy.reseed
         return [
             resume.reseed(stored, self.pipe.scheduler, self.hit.entry.seed, seed) if reseed else stored
             for seed in self.seeds
@@ -430,6 +501,8 @@ class CacheRun:
             }
         else:
             report["reason"] = self.lookup.reason
+        if self.lookup.check is not None:
+            report["check"] = self.lookup.check.report()
         report["lookup_s"] = round(self.lookup.seconds, 6)
         report["embedded_at_door"] = self.lookup.embedded_at_door
         return report

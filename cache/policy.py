@@ -19,6 +19,10 @@ fastgen's own policy keeps that table and changes how candidates are used:
 - a hit swaps the stored state's starting noise for the request's own seed's (``resume.reseed``): the earlier
   run's content, this request's randomness, so repeats of a prompt with new seeds still vary and land nearer to
   what the request would have drawn uncached.
+
+The quality-aware policy (``quality``) is fastgen's with a table calibrated for one model and embedder
+(``fastgen.cache.check``): its ``check`` says, for each skipped fraction that needs it, how far the new prompt's own
+prediction may differ from the stored run's before that many steps are not reused.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ class CachePolicy:
     store_on_hit: float | None = None  # hits at least this similar store the states they compute after K (None: never)
     repeats_only: bool = False  # entries stored by hits serve only repeats of their own prompt (same text)
     reseed: bool = False  # swap the stored state's starting noise for the request's own (resume.reseed)
+    # (fraction of the steps skipped, the check's largest distance) for the fractions that need the check at resume
+    # time (fastgen.cache.check); fractions not named need none. Empty: no check.
+    check: tuple[tuple[float, float], ...] = ()
+    check_at: float = 0.08  # the fraction of the steps after which the state the check compares against is stored
 
     def __post_init__(self):
         sims = [s for s, _ in self.thresholds]
@@ -46,6 +54,10 @@ class CachePolicy:
             raise ValueError(f"store_on_hit: a similarity between 0 and 1, or None, got {self.store_on_hit}")
         if self.candidates < 1:
             raise ValueError(f"candidates: must be at least 1, got {self.candidates}")
+        if any(fraction not in {f for _, f in self.thresholds} or distance < 0 for fraction, distance in self.check):
+            raise ValueError("check: each fraction must be one of the thresholds' and its distance at least 0")
+        if not 0.0 < self.check_at < 1.0:
+            raise ValueError(f"check_at: a fraction of the steps between 0 and 1, got {self.check_at}")
 
     @property
     def lowest_similarity(self) -> float:
@@ -55,8 +67,18 @@ class CachePolicy:
         return self.store_on_hit is not None and similarity >= self.store_on_hit
 
     def marks(self, steps: int) -> tuple[int, ...]:
-        """The step counts after which states are stored, for a ``steps``-step request."""
-        return tuple(sorted({k for _, f in self.thresholds if 1 <= (k := round(f * steps)) < steps}))
+        """The step counts after which states are stored, for a ``steps``-step request (with the check's)."""
+        fractions = {f for _, f in self.thresholds} | ({self.check_at} if self.check else set())
+        return tuple(sorted({k for f in fractions if 1 <= (k := round(f * steps)) < steps}))
+
+    def check_step(self, steps: int) -> int | None:
+        """The mark whose stored prediction the check compares against, or None without a check."""
+        step = round(self.check_at * steps)
+        return step if self.check and 1 <= step < steps else None
+
+    def max_distance(self, k: int, steps: int) -> float | None:
+        """The check's largest distance for skipping ``k`` of ``steps`` steps; None when that skip needs no check."""
+        return next((d for f, d in self.check if round(f * steps) == k), None)
 
     def skip(self, similarity: float, steps: int) -> int:
         """The most steps a match this similar may skip (0: a miss)."""
@@ -69,3 +91,4 @@ class CachePolicy:
 NIRVANA = CachePolicy("nirvana")
 FASTGEN = CachePolicy("fastgen", candidates=8, store_on_hit=0.0, repeats_only=True, reseed=True)
 POLICIES = {policy.name: policy for policy in (NIRVANA, FASTGEN)}
+QUALITY = "quality"  # FASTGEN_CACHE_POLICY's name for fastgen's policy with each model's calibrated table

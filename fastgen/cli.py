@@ -143,7 +143,51 @@ def build_parser(table: tuple[Technique, ...] | None = None) -> argparse.Argumen
 
     schema = commands.add_parser("schema", help="print the request JSON schema with this service's limits")
     schema.set_defaults(command=print_schema)
+
+    cache = commands.add_parser("cache", help="the approximate cache's tools").add_subparsers(required=True)
+    calibrate = cache.add_parser("calibrate", help="measure and write a model's quality-aware table per embedder")
+    calibrate.add_argument("--model", default="fastgen-shapes")
+    calibrate.add_argument("--embedder", action="append", help="minilm, pipeline, ... (repeatable; default both)")
+    calibrate.add_argument("--shapes-bases", type=int, default=10, help="calibration scenes, 6 pairs each")
+    calibrate.add_argument("--trace", type=Path, action="append", default=[], help="a .jsonl of natural prompts")
+    calibrate.add_argument("--skip", type=int, default=400, help="rows of each trace left for evaluation")
+    calibrate.add_argument("--natural-pairs", type=int, default=20)
+    calibrate.add_argument("--keep", type=float, default=0.97, help="share of admitted pairs meeting the floor")
+    calibrate.add_argument("--psnr-db", type=float, default=20.0, help="the floor for prompts no scorer reads")
+    calibrate.add_argument("--out", type=Path, required=True, help="folder (FASTGEN_CACHE_CALIBRATIONS)")
+    calibrate.set_defaults(command=calibrate_cache)
     return parser
+
+
+def calibrate_cache(args: argparse.Namespace, settings: Settings) -> int:
+    """``fastgen cache calibrate``: run the calibration pairs through this machine's engine and write the tables."""
+    import tempfile
+
+    quiet_libraries(args)
+    from fastgen.cache import calibrate
+    from fastgen.cache.embedder import load_sentence_embedder
+
+    pairs = calibrate.shapes_pairs(args.shapes_bases) if args.model == "fastgen-shapes" else []
+    if args.trace:
+        minilm = load_sentence_embedder("minilm")
+        pairs += calibrate.natural_pairs(args.trace, args.skip, args.natural_pairs, minilm)
+    if not pairs:
+        raise FastgenError("no calibration pairs: give --trace for a model other than fastgen-shapes")
+    with tempfile.TemporaryDirectory(prefix="fastgen-calibrate-") as folder:
+        embedders = args.embedder or ["minilm", "pipeline"]
+        tables, _ = calibrate.calibrate(
+            settings,
+            args.model,
+            pairs,
+            embedders,
+            Path(folder),
+            args.keep,
+            args.psnr_db,
+            progress=lambda done, total: print(f"{done}/{total} pairs", file=sys.stderr),
+        )
+    for path in calibrate.write(tables, args.out):
+        print(path)
+    return 0
 
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:

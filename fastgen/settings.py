@@ -60,7 +60,8 @@ class Settings:
     port: int = 8000  # FASTGEN_PORT
     cache_bytes: int = 2 * 1024**3  # FASTGEN_CACHE_BYTES: approximate-cache states kept; 0 turns the cache off
     cache_default: bool = False  # FASTGEN_CACHE_DEFAULT: use the cache for requests that do not say
-    cache_policy: str = "fastgen"  # FASTGEN_CACHE_POLICY: fastgen or nirvana (the paper's, as published)
+    cache_policy: str = "fastgen"  # FASTGEN_CACHE_POLICY: fastgen, nirvana (the paper's) or quality (calibrated)
+    cache_calibrations: str = ""  # FASTGEN_CACHE_CALIBRATIONS: a folder of `fastgen cache calibrate` tables
     cache_thresholds: str = ""  # FASTGEN_CACHE_THRESHOLDS: "0.95:0.5,0.9:0.4,..." similarity:skipped fraction
     cache_embedder: str = "pipeline"  # FASTGEN_CACHE_EMBEDDER: pipeline, minilm, or a sentence-transformers model
     cache_share_tenants: bool = False  # FASTGEN_CACHE_SHARE_TENANTS: let tenants reuse each other's states
@@ -95,8 +96,8 @@ class Settings:
             raise ValueError(f"FASTGEN_LORA_SLOTS must be at most 99, got {self.lora_slots}")
         if self.lora_apply_by_step < 0 or self.lora_host_bytes < 0:
             raise ValueError("FASTGEN_LORA_APPLY_BY_STEP and FASTGEN_LORA_HOST_BYTES must be 0 or more")
-        if self.cache_policy not in ("fastgen", "nirvana"):
-            raise ValueError(f"FASTGEN_CACHE_POLICY must be fastgen or nirvana, got {self.cache_policy!r}")
+        if self.cache_policy not in ("fastgen", "nirvana", "quality"):
+            raise ValueError(f"FASTGEN_CACHE_POLICY must be fastgen, nirvana or quality, got {self.cache_policy!r}")
         self.cache_threshold_table  # noqa: B018 -- a malformed table fails at start-up
         if self.cache_index not in ("flat", "hnsw"):
             raise ValueError(f"FASTGEN_CACHE_INDEX must be flat or hnsw, got {self.cache_index!r}")

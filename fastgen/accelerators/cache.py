@@ -8,10 +8,13 @@ when the engine built it (``Member.cached``); the engine puts members with the s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fastgen.accelerators.sparse_attention import denoisers
 from fastgen.cache import resume
+from fastgen.cache.predict import PredictionTap
 
 if TYPE_CHECKING:
     import torch
@@ -36,10 +39,12 @@ def apply(pipe, config: CacheUse, run: Run) -> CachedRun:
     if len(starts) != 1:
         raise ValueError(f"the members of one run must start at the same step, got {sorted(starts)}")
     states = [state for member in run.members if member.cached for state in member.cached.start_states()]
+    wanted = any(member.cached and member.cached.prediction_step is not None for member in run.members)
+    tap = PredictionTap(denoisers(pipe), len(run.seeds)) if wanted else None
     if not states:
-        return CachedRun(run, lambda: None, {}, 0)
+        return CachedRun(run, lambda: None, {}, 0, tap)
     handle, kwargs = resume.apply(pipe, resume.stack(states))
-    return CachedRun(run, handle.remove, kwargs, starts.pop())
+    return CachedRun(run, handle.remove, kwargs, starts.pop(), tap)
 
 
 class CachedRun:
@@ -47,10 +52,13 @@ class CachedRun:
     at its marks, ``report`` stores them after a completed run, one report per member (unless a technique changed
     the denoiser mid-run: the states are not the prompts' own then; nor for a member that was cancelled)."""
 
-    def __init__(self, run: Run, detach, call_kwargs: dict[str, Any], start_step: int):
+    def __init__(self, run: Run, detach, call_kwargs: dict[str, Any], start_step: int, tap: PredictionTap | None):
         self.run, self.detach, self.call_kwargs, self.start_step = run, detach, call_kwargs, start_step
+        self.tap = tap  # the denoiser's predictions, for the states that keep them (the quality-aware check's)
 
     def on_step(self, step: int, latents: torch.Tensor | None) -> None:
+        if self.tap is not None:
+            self._keep_prediction(step - 1, self.tap.take())
         members = self.run.members
         wanted = [member.cached is not None and step in member.cached.marks for member in members]
         if latents is None or not any(wanted):
@@ -64,7 +72,21 @@ class CachedRun:
                 member.cached.captured.append(resume.stack(images[first : first + count]))
             first += count
 
+    def _keep_prediction(self, step: int, prediction: torch.Tensor | None) -> None:
+        """The step just run predicted from the latents after ``step``: keep it with the states captured there."""
+        first = 0
+        for member in self.run.members:
+            count, cached = len(member.seeds), member.cached
+            if prediction is not None and cached and cached.prediction_step == step and cached.captured:
+                state = cached.captured[-1]
+                if state.step == step and prediction.shape[1:] == state.latents.shape[1:]:
+                    own = prediction[first : first + count].clone()
+                    cached.captured[-1] = dataclasses.replace(state, prediction=own)
+            first += count
+
     def remove(self) -> None:
+        if self.tap is not None:
+            self.tap.remove()
         self.detach()
 
     def report(self) -> list[dict[str, Any] | None]:

@@ -10,6 +10,7 @@ one place where progress is reported and cancellation is honoured (between denoi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -22,6 +23,7 @@ from fastgen.accelerators import ACCELERATORS, Accelerator, attach
 from fastgen.engine.batch import Member, MemberFlags, batch_key, batch_report
 from fastgen.engine.monitor import CancelFlag, Progress, StepCallback, StepMonitor
 from fastgen.engine.pool import LoadedPipeline, PipelinePool, resolve_device, resolve_dtype
+from fastgen.engine.probe import predict
 from fastgen.engine.run import Generation, ResolvedRequest, Run, call_kwargs, generation_of, run_timings, to_uint8
 from fastgen.errors import Cancelled
 from fastgen.jobs import DEFAULT_TENANT
@@ -161,8 +163,18 @@ class Engine:
             return None
         resolved, pipe = member.resolved, loaded.pipe
         loras = fingerprints(resolved.adapters)
+        probe = functools.partial(
+            predict, loaded, member, settings=self.settings, library=self.loras, accelerators=self.accelerators
+        )
         return self.cache.begin(
-            pipe, resolved.spec.name, resolved.request, resolved.seed, member.tenant, loras, member.embedded
+            pipe,
+            resolved.spec.name,
+            resolved.request,
+            resolved.seed,
+            member.tenant,
+            loras,
+            member.embedded,
+            probe=probe,
         )
 
     def _run_together(
