@@ -225,12 +225,16 @@ class ApproximateCache:
         self.config, self.store, self.files = config, store, files
         self.index = SharedIndex(store, config.index, config.policy.repeats_only)
         self._embedders: dict[str, Embedder] = {}
+        self._policies = {  # built once: every lookup asks
+            model: calibration.policy(config.policy)
+            for (model, embedder), calibration in config.calibrations.items()
+            if embedder == config.embedder
+        }
         self._embedder_lock = threading.Lock()
 
     def policy_for(self, model: str) -> CachePolicy:
         """The model's calibrated policy for this cache's embedder, or the cache's own where it has no table."""
-        calibration = self.config.calibrations.get((model, self.config.embedder))
-        return self.config.policy if calibration is None else calibration.policy(self.config.policy)
+        return self._policies.get(model, self.config.policy)
 
     def enabled_for(self, request: GenerationRequest) -> bool:
         wanted = request.accelerate.cache.enabled
