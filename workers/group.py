@@ -83,7 +83,7 @@ class CacheDecision:
             job.model,
             None,
             image_seeds(job.seed, job.request.num_images),
-            Lookup("", "", np.zeros(0, np.float32), hit=self.hit),
+            Lookup("", "", np.zeros(0, np.float32), hit=self.hit, policy=cache.policy_for(job.model)),
         )
 
 
