@@ -24,14 +24,19 @@ def conditional(output, images: int) -> torch.Tensor | None:
 class PredictionTap:
     """Forward hooks on the denoisers that keep the first call's conditional output since the last ``take`` (Wan
     calls its transformer twice a step, conditional first; the others once, both halves in one batch). ``stop``
-    raises :class:`Predicted` right after it: a probe needs that one call only."""
+    raises :class:`Predicted` right after it: a probe needs that one call only. Unless ``armed``, a call is kept only
+    after :meth:`arm` (and until the next ``take``): a run needs one step's prediction, not a copy of every step's."""
 
-    def __init__(self, modules: list[torch.nn.Module], images: int, stop: bool = False):
-        self.images, self.stop, self.first = images, stop, None
+    def __init__(self, modules: list[torch.nn.Module], images: int, stop: bool = False, armed: bool = True):
+        self.images, self.stop, self.first, self.armed = images, stop, None, armed
+        self.stays_armed = armed
         self.handles = [module.register_forward_hook(self._seen) for module in modules]
 
+    def arm(self) -> None:
+        self.armed = True
+
     def _seen(self, module, args, output) -> None:
-        if self.first is None:
+        if self.armed and self.first is None:
             found = conditional(output, self.images)
             self.first = None if found is None else found.detach().to("cpu", torch.float32, copy=True)
             if self.stop:
@@ -39,6 +44,7 @@ class PredictionTap:
 
     def take(self) -> torch.Tensor | None:
         first, self.first = self.first, None
+        self.armed = self.stays_armed
         return first
 
     def remove(self) -> None:

@@ -40,7 +40,7 @@ def apply(pipe, config: CacheUse, run: Run) -> CachedRun:
         raise ValueError(f"the members of one run must start at the same step, got {sorted(starts)}")
     states = [state for member in run.members if member.cached for state in member.cached.start_states()]
     wanted = any(member.cached and member.cached.prediction_step is not None for member in run.members)
-    tap = PredictionTap(denoisers(pipe), len(run.seeds)) if wanted else None
+    tap = PredictionTap(denoisers(pipe), len(run.seeds), armed=False) if wanted else None
     if not states:
         return CachedRun(run, lambda: None, {}, 0, tap)
     handle, kwargs = resume.apply(pipe, resume.stack(states))
@@ -57,7 +57,7 @@ class CachedRun:
         self.tap = tap  # the denoiser's predictions, for the states that keep them (the quality-aware check's)
 
     def on_step(self, step: int, latents: torch.Tensor | None) -> None:
-        if self.tap is not None:
+        if self.tap is not None and self.tap.armed:
             self._keep_prediction(step - 1, self.tap.take())
         members = self.run.members
         wanted = [member.cached is not None and step in member.cached.marks for member in members]
@@ -71,6 +71,8 @@ class CachedRun:
             if wants:
                 member.cached.captured.append(resume.stack(images[first : first + count]))
             first += count
+        if self.tap is not None and any(m.cached and m.cached.prediction_step == step for m in members):
+            self.tap.arm()  # the next step predicts from the latents just captured
 
     def _keep_prediction(self, step: int, prediction: torch.Tensor | None) -> None:
         """The step just run predicted from the latents after ``step``: keep it with the states captured there."""
