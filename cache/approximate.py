@@ -335,7 +335,7 @@ class ApproximateCache:
         k = lookup.check.k
         if k == 0:
             lookup.reason = f"the nearest earlier prompt is {similarity:.2f} alike, but the check refused it: " + (
-                lookup.check.reason or f"the model's predictions differ by {lookup.check.distance:.3f}"
+                lookup.check.reason or f"the model's layouts for the two prompts differ by {lookup.check.distance:.3f}"
             )
             return None
         return k, similarity, entry
@@ -356,7 +356,7 @@ class ApproximateCache:
                 if state.prediction is None:
                     reason = f"the state of step {at} holds no prediction to compare against"
                 else:
-                    measured = distance(probe(state), state.prediction)
+                    measured = distance(probe(state), state.prediction, state.unconditional)
         except Exception as exc:  # a failed check grants only what needs none; it never fails the job
             logger.exception("cache check failed")
             reason = f"the check failed ({type(exc).__name__})"

@@ -21,8 +21,8 @@ fastgen's own policy keeps that table and changes how candidates are used:
   what the request would have drawn uncached.
 
 The quality-aware policy (``quality``) is fastgen's with a table calibrated for one model and embedder
-(``fastgen.cache.check``): its ``check`` says, for each skipped fraction that needs it, how far the new prompt's own
-prediction may differ from the stored run's before that many steps are not reused.
+(``fastgen.cache.check``): its ``check`` says, for each skipped fraction that needs it, how far the model's layout
+for the new prompt may lie from the stored run's (the check's distance) before that many steps are not reused.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ resumed exactly from a stored state; :func:`resumable` says so and the cache tre
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import sys
@@ -49,13 +50,15 @@ class State:
     """The denoising state after ``step`` of ``total`` steps.
 
     ``prediction``: what the denoiser predicted from these latents for the run's own prompt (its conditional output at
-    step ``step``), kept where the quality-aware check compares a new prompt against it (``fastgen.cache.check``)."""
+    step ``step``), and ``unconditional``, its unconditional one where the run used classifier-free guidance: kept
+    where the quality-aware check compares a new prompt against them (``fastgen.cache.check``)."""
 
     step: int
     total: int
     latents: torch.Tensor
     history: dict[str, Any]
     prediction: torch.Tensor | None = None
+    unconditional: torch.Tensor | None = None
 
 
 def capture(scheduler, latents: torch.Tensor, step: int, total: int) -> State:
@@ -74,9 +77,17 @@ def stack(states: list[State]) -> State:
         name: _batched([state.history[name] for state in states]) if name in SAMPLE_SHAPED else value
         for name, value in first.history.items()
     }
-    predictions = [state.prediction for state in states]
-    prediction = torch.cat(predictions) if all(p is not None for p in predictions) else None
-    return State(first.step, first.total, torch.cat([state.latents for state in states]), history, prediction)
+    latents = torch.cat([state.latents for state in states])
+    return State(
+        first.step, first.total, latents, history, *(_cat([getattr(s, n) for s in states]) for n in PREDICTED)
+    )
+
+
+PREDICTED = ("prediction", "unconditional")  # the check's tensors, kept per image like the latents
+
+
+def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return torch.cat(tensors) if all(t is not None for t in tensors) else None
 
 
 def split(state: State, count: int) -> list[State]:
@@ -95,7 +106,7 @@ def split(state: State, count: int) -> list[State]:
             state.total,
             state.latents[i : i + 1].clone(),
             {name: sample(value, i) if name in SAMPLE_SHAPED else value for name, value in state.history.items()},
-            None if state.prediction is None else sample(state.prediction, i),
+            *(None if getattr(state, n) is None else sample(getattr(state, n), i) for n in PREDICTED),
         )
         for i in range(count)
     ]
@@ -151,14 +162,16 @@ def unflatten(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[
 def to_safetensors(state: State) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors, layout = flatten(state.history)
     meta = {"step": str(state.step), "total": str(state.total), "history": json.dumps(layout)}
-    if state.prediction is not None:
-        tensors["prediction"] = state.prediction.contiguous()
+    for name in PREDICTED:
+        if getattr(state, name) is not None:
+            tensors[name] = getattr(state, name).contiguous()
     return {"latents": state.latents.contiguous(), **tensors}, meta
 
 
 def from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> State:
     history = unflatten(tensors, json.loads(meta["history"]))
-    return State(int(meta["step"]), int(meta["total"]), tensors["latents"], history, tensors.get("prediction"))
+    predicted = (tensors.get(name) for name in PREDICTED)
+    return State(int(meta["step"]), int(meta["total"]), tensors["latents"], history, *predicted)
 
 
 # History values shaped like the latents (model outputs, the previous sample); other history tensors are scalars.
@@ -289,7 +302,7 @@ def reseed(state: State, scheduler, from_seed: int, to_seed: int) -> State:
     level = noise_level(scheduler, state.total, state.step)
     shape, dtype = state.latents.shape, state.latents.dtype
     swapped = state.latents + level * (starting_noise(shape, to_seed, dtype) - starting_noise(shape, from_seed, dtype))
-    return State(state.step, state.total, swapped, state.history, state.prediction)
+    return dataclasses.replace(state, latents=swapped)
 
 
 class ResumingScheduler:

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,6 +155,7 @@ def build_parser(table: tuple[Technique, ...] | None = None) -> argparse.Argumen
     calibrate.add_argument("--keep", type=float, default=0.97, help="share of admitted pairs meeting the floor")
     calibrate.add_argument("--psnr-db", type=float, default=20.0, help="the floor for prompts no scorer reads")
     calibrate.add_argument("--out", type=Path, required=True, help="folder (FASTGEN_CACHE_CALIBRATIONS)")
+    calibrate.add_argument("--measurements", type=Path, help="also write every pair's measurements here (JSON lines)")
     calibrate.set_defaults(command=calibrate_cache)
     return parser
 
@@ -175,7 +176,7 @@ def calibrate_cache(args: argparse.Namespace, settings: Settings) -> int:
         raise FastgenError("no calibration pairs: give --trace for a model other than fastgen-shapes")
     with tempfile.TemporaryDirectory(prefix="fastgen-calibrate-") as folder:
         embedders = args.embedder or ["minilm", "pipeline"]
-        tables, _ = calibrate.calibrate(
+        tables, measured = calibrate.calibrate(
             settings,
             args.model,
             pairs,
@@ -187,6 +188,9 @@ def calibrate_cache(args: argparse.Namespace, settings: Settings) -> int:
         )
     for path in calibrate.write(tables, args.out):
         print(path)
+    if args.measurements is not None:
+        args.measurements.write_text("".join(json.dumps(asdict(m)) + "\n" for m in measured))
+        print(args.measurements)
     return 0
 
 

@@ -85,12 +85,28 @@ def test_tables_load_by_model_and_embedder_and_an_unusable_one_is_skipped(tmp_pa
     assert "broken.json unusable" in caplog.text and "no rung admits any step" in caplog.text
 
 
-def test_distance_is_relative_and_refuses_predictions_of_another_shape():
-    stored = torch.ones(1, 4, 8, 8)
+def blob(row: int, col: int, value: float = 1.0) -> torch.Tensor:
+    """A 4-channel prediction with a square of ``value`` at (row, col) on a background of 0.2."""
+    x = torch.full((1, 4, 16, 16), 0.2)
+    x[:, :, row : row + 4, col : col + 4] = value
+    return x
+
+
+def test_the_layout_distance_sees_where_not_how_bright_or_on_what_background():
+    stored = blob(2, 2)
     assert distance(stored.clone(), stored) == 0.0
-    assert distance(stored * 1.5, stored) == pytest.approx(0.5)
+    assert distance(stored * -1.5, stored) == pytest.approx(0.0, abs=1e-9)  # another colour, the same place
+    assert distance(stored + torch.tensor([0.5, -1, 2, 0]).view(1, 4, 1, 1), stored) == pytest.approx(0.0, abs=1e-9)
+    moved = distance(blob(10, 10), stored)
+    assert moved > 0.9  # nothing where it was
+    assert 0.2 < distance(blob(4, 4), stored) < moved  # a quarter overlaps
+    unconditional = blob(6, 6, 3.0)  # what every prompt predicts here: taken out before the layouts are compared
+    new, old = unconditional + blob(10, 10), unconditional + blob(2, 2)
+    assert distance(new, old) < 0.5 and distance(new, old, unconditional) > 0.9
     with pytest.raises(ValueError, match=r"shape \[1, 4, 4, 4\]"):
         distance(torch.ones(1, 4, 4, 4), stored)
+    with pytest.raises(ValueError, match="unconditional"):
+        distance(stored, stored, torch.ones(1, 4, 4, 4))
 
 
 def unet_hooks(engine) -> int:
@@ -113,8 +129,10 @@ def test_a_miss_stores_the_check_steps_prediction_and_draws_what_no_cache_draws(
     assert unet_hooks(engine) == hooks  # and comes off with it
     cache = checked_run.cache
     at_check, later = (cache.files.read(report["stored_entry"], k) for k in (2, 5))
-    assert at_check.prediction is not None and at_check.prediction.shape == at_check.latents.shape
-    assert later.prediction is None  # only the check's state keeps one
+    for predicted in (at_check.prediction, at_check.unconditional):  # guidance ran: both halves of its batch
+        assert predicted is not None and predicted.shape == at_check.latents.shape
+    assert not torch.equal(at_check.prediction, at_check.unconditional)
+    assert later.prediction is None and later.unconditional is None  # only the check's state keeps them
     assert float(at_check.prediction.abs().mean()) > 0
 
 
@@ -135,7 +153,7 @@ def test_a_neighbour_one_content_word_away_is_lowered_to_what_needs_no_check(che
     report = cache_report(moved)
     assert report["similarity"] >= 0.9  # alike enough for 12 steps by similarity alone
     assert report["check"]["verdict"] == "lowered" and report["check"]["k_asked"] == 12
-    assert report["check"]["distance"] > 0.3  # the model says the layout differs
+    assert report["check"]["distance"] > 0.3  # the model lays the two pictures out differently
     assert report["hit"] and report["k"] == report["check"]["k"] == 2
 
 
@@ -184,12 +202,17 @@ def test_the_quality_policy_setting_loads_the_built_in_tables_and_a_folder_of_on
 
 def test_fastgen_cache_calibrate_writes_a_table_per_embedder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTGEN_DATA_DIR", str(tmp_path / "data"))
-    out = tmp_path / "tables"
+    out, log = tmp_path / "tables", tmp_path / "measured.jsonl"
     argv = ["cache", "calibrate", "--shapes-bases", "1", "--embedder", "minilm", "--embedder", "pipeline"]
-    assert main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(out), "--measurements", str(log)]) == 0
     written = sorted(p.name for p in out.iterdir())
     assert written == ["fastgen-shapes.minilm.json", "fastgen-shapes.pipeline.json"]
-    assert capsys.readouterr().out.split() == [str(out / name) for name in written]
+    assert capsys.readouterr().out.split() == [*(str(out / name) for name in written), str(log)]
+    pairs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [p["pair"]["kind"] for p in pairs] == list(KINDS)
+    repeat = pairs[0]
+    assert repeat["distance"] == pytest.approx(0.0, abs=1e-9) and set(repeat["similarity"]) == {"minilm", "pipeline"}
+    assert all(set(p["ok"]) == {str(round(f * STEPS)) for f in FRACTIONS} for p in pairs)
     for name in written:
         table = Calibration.from_json((out / name).read_text())
         assert table.model == "fastgen-shapes" and table.made["pairs"] == {**dict.fromkeys(KINDS, 1), "natural": 0}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastgen.accelerators.sparse_attention import denoisers
 from fastgen.cache import resume
-from fastgen.cache.predict import PredictionTap
+from fastgen.cache.predict import Prediction, PredictionTap
 
 if TYPE_CHECKING:
     import torch
@@ -74,16 +74,18 @@ class CachedRun:
         if self.tap is not None and any(m.cached and m.cached.prediction_step == step for m in members):
             self.tap.arm()  # the next step predicts from the latents just captured
 
-    def _keep_prediction(self, step: int, prediction: torch.Tensor | None) -> None:
+    def _keep_prediction(self, step: int, prediction: Prediction | None) -> None:
         """The step just run predicted from the latents after ``step``: keep it with the states captured there."""
         first = 0
         for member in self.run.members:
             count, cached = len(member.seeds), member.cached
             if prediction is not None and cached and cached.prediction_step == step and cached.captured:
                 state = cached.captured[-1]
-                if state.step == step and prediction.shape[1:] == state.latents.shape[1:]:
-                    own = prediction[first : first + count].clone()
-                    cached.captured[-1] = dataclasses.replace(state, prediction=own)
+                if state.step == step and prediction.conditional.shape[1:] == state.latents.shape[1:]:
+                    own = prediction.rows(first, count)
+                    cached.captured[-1] = dataclasses.replace(
+                        state, prediction=own.conditional, unconditional=own.unconditional
+                    )
             first += count
 
     def remove(self) -> None:

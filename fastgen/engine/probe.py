@@ -63,4 +63,4 @@ def predict(
     prediction = tap.take()
     if prediction is None:
         raise ValueError(f"{type(pipe).__name__}: the denoiser's first call gave no conditional prediction")
-    return prediction
+    return prediction.conditional
