@@ -111,6 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-door", action="store_true", help="workers embed prompts (default: embedded where jobs are submitted)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="an earlier run's results: its traces not replayed now are kept (each is self-contained)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
@@ -443,6 +448,10 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads},
         "traces": {},
     }
+    if args.keep is not None:  # every trace's configurations run interleaved, so a trace's rows stand on their own
+        earlier = json.loads(args.keep.read_text())
+        results["traces"] = {name: t for name, t in earlier["traces"].items() if name not in workloads}
+        results["kept_from_earlier_run"] = sorted(results["traces"])
     for name, requests in workloads.items():
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"cache-{name}-") as folder:

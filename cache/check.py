@@ -93,8 +93,11 @@ def load_calibrations(folders: list[Path]) -> dict[tuple[str, str], Calibration]
     """Every table in ``folders`` by (model, embedder); a later folder's replaces an earlier one's. A file that does
     not parse is logged and skipped: the model then runs the uncalibrated policy."""
     tables: dict[tuple[str, str], Calibration] = {}
-    for folder in folders:
-        for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            logger.warning("cache calibrations: no folder at %s; its models keep the uncalibrated policy", folder)
+            continue
+        for path in sorted(folder.glob("*.json")):
             try:
                 calibration = Calibration.from_json(path.read_text())
                 calibration.policy()  # a table that makes no policy is as unusable as one that does not parse

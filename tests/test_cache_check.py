@@ -82,7 +82,9 @@ def test_tables_load_by_model_and_embedder_and_an_unusable_one_is_skipped(tmp_pa
     with caplog.at_level(logging.WARNING):
         assert load_calibrations([first]) == {("fastgen-shapes", "minilm"): CHECKED}
         assert load_calibrations([first, second]) == {("fastgen-shapes", "minilm"): own}  # the later folder's wins
+        assert load_calibrations([tmp_path / "typo"]) == {}
     assert "broken.json unusable" in caplog.text and "no rung admits any step" in caplog.text
+    assert f"no folder at {tmp_path / 'typo'}" in caplog.text
 
 
 def blob(row: int, col: int, value: float = 1.0) -> torch.Tensor:
