@@ -64,6 +64,7 @@ from fastgen.cache.policy import FASTGEN, NIRVANA, QUALITY, CachePolicy
 from fastgen.cache.states import StateFiles
 from fastgen.cache.store import SqliteCacheStore
 from fastgen.engine import Engine
+from fastgen.jobs import DEFAULT_TENANT
 from fastgen.quality import psnr, ssim
 from fastgen.settings import Settings
 from fastgen.shapes import scenes
@@ -173,7 +174,7 @@ class Replay:
         names = {c.embedder for c in self.configs if c.embedder != "pipeline"}
         self.doors = {} if args.no_door else {name: DoorEmbedder(name, default_on=True) for name in names}
 
-    def request(self, request: dict[str, Any], tenant: str = "default") -> dict[str, dict[str, Any]]:
+    def request(self, request: dict[str, Any], tenant: str = DEFAULT_TENANT) -> dict[str, dict[str, Any]]:
         """``request`` plain and under every configuration: a record of each."""
         embedded, door_s = {}, {}
         for name, door in self.doors.items():
@@ -205,16 +206,20 @@ def replay(replayer: Replay, requests: list[dict[str, Any]]) -> dict[str, list[d
     return dict(records)
 
 
-def held_out_captions() -> set[str]:
+def held_out_scenes() -> list[scenes.Scene]:
+    """The scenes outside the calibration half the built-in tables were fitted on."""
     calibrated = set(calibration_scenes())
-    return {scenes.caption(scene) for scene in scenes.all_scenes() if scene not in calibrated}
+    return sorted(scene for scene in scenes.all_scenes() if scene not in calibrated)
+
+
+def held_out_captions() -> set[str]:
+    return {scenes.caption(scene) for scene in held_out_scenes()}
 
 
 def word_pairs(bases: int, seed: int = 21) -> list[dict[str, Any]]:
     """``bases`` captions outside the calibration half, each with a later prompt of every kind of change."""
     rng = random.Random(seed)
-    calibrated = set(calibration_scenes())
-    chosen = rng.sample(sorted(s for s in scenes.all_scenes() if s not in calibrated), bases)
+    chosen = rng.sample(held_out_scenes(), bases)
     pairs = []
     for scene in chosen:
         for kind in KINDS:

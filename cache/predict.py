@@ -45,9 +45,9 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 class PredictionTap:
     """Forward hooks on the denoisers that keep the first call's output since the last ``take`` (Wan calls its
     transformer twice a step, conditional first, and its second call is kept as the unconditional; the others once,
-    both halves in one batch). ``stop``
-    raises :class:`Predicted` right after it: a probe needs that one call only. Unless ``armed``, a call is kept only
-    after :meth:`arm` (and until the next ``take``): a run needs one step's prediction, not a copy of every step's."""
+    both halves in one batch). ``stop`` raises :class:`Predicted` right after it: a probe needs that one call only.
+    Unless ``armed``, a call is kept only after :meth:`arm` (and until the next ``take``): a run needs one step's
+    prediction, not a copy of every step's."""
 
     def __init__(self, modules: list[torch.nn.Module], images: int, stop: bool = False, armed: bool = True):
         self.images, self.stop, self.first, self.armed = images, stop, None, armed

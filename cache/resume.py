@@ -67,6 +67,13 @@ def capture(scheduler, latents: torch.Tensor, step: int, total: int) -> State:
     return State(step, total, latents.detach().to("cpu", copy=True), history)
 
 
+PREDICTED = ("prediction", "unconditional")  # the check's tensors, kept per image like the latents
+
+
+def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return torch.cat(tensors) if all(t is not None for t in tensors) else None
+
+
 def stack(states: list[State]) -> State:
     """One state for a batch of images, one per image in order (its latents and sample-shaped history stacked along
     the batch); a single state as it is."""
@@ -81,13 +88,6 @@ def stack(states: list[State]) -> State:
     return State(
         first.step, first.total, latents, history, *(_cat([getattr(s, n) for s in states]) for n in PREDICTED)
     )
-
-
-PREDICTED = ("prediction", "unconditional")  # the check's tensors, kept per image like the latents
-
-
-def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return torch.cat(tensors) if all(t is not None for t in tensors) else None
 
 
 def split(state: State, count: int) -> list[State]:

@@ -138,7 +138,7 @@ def test_a_miss_stores_the_check_steps_prediction_and_draws_what_no_cache_draws(
     assert float(at_check.prediction.abs().mean()) > 0
 
 
-def test_a_repeat_needs_no_comparison_and_a_rewording_passes_the_check(checked_run):
+def test_a_repeat_needs_no_comparison_and_a_rewording_gets_what_its_distance_allows(checked_run):
     checked_run.run({"prompt": CAPTION, **SHAPES})
     repeat = cache_report(checked_run.run({"prompt": CAPTION, **SHAPES, "seed": 9}))
     assert repeat["hit"] and repeat["k"] == 12
