@@ -457,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
         earlier = json.loads(args.keep.read_text())
         results["traces"] = {name: t for name, t in earlier["traces"].items() if name not in workloads}
         results["kept_from_earlier_run"] = sorted(results["traces"])
+        if "words" in earlier and (args.no_shapes or not args.word_bases):  # not made again in this run
+            results["words"] = earlier["words"]
+            results["kept_from_earlier_run"].append("words")
     for name, requests in workloads.items():
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"cache-{name}-") as folder:

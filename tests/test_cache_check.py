@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import small
 from test_cache import CAPTION, NEAR_DUPLICATE, SHAPES, cache_report, cached_engine, make_cache, pixels
 
 from fastgen.cache.calibrate import FRACTIONS, KINDS, Measured, Pair, fit
@@ -175,6 +176,40 @@ def test_a_worker_that_cannot_probe_grants_only_the_skips_that_need_no_check(eng
     lookup = checked_run.cache.lookup(pipe, "fastgen-shapes", request, DEFAULT_TENANT, probe=None)
     assert lookup.check.verdict == "unavailable" and lookup.check.reason == "this worker cannot run the check"
     assert lookup.hit is not None and lookup.hit.skip == 2
+
+
+@pytest.mark.parametrize("model", ["fastgen-shapes", "tiny-sd"])
+def test_the_probes_own_unet_call_predicts_exactly_what_the_pipelines_loop_does(engine, monkeypatch, model):
+    from fastgen.cache import resume
+    from fastgen.engine import probe
+    from fastgen.engine.batch import Member
+
+    loaded, _ = engine.pool.get(engine.registry.resolve(model))
+    member = Member(engine.resolve({"prompt": MOVED, "model": model, "seed": 3, "steps": STEPS}))
+    shape = resume.latent_shape(loaded.pipe, member.request.width, member.request.height, None)
+    state = resume.State(5, STEPS, torch.randn(shape, generator=torch.Generator().manual_seed(0)), {})
+
+    def predicted() -> torch.Tensor:
+        return probe.predict(loaded, member, state, engine.settings, engine.loras, engine.accelerators)
+
+    shortcut = predicted()
+    monkeypatch.setattr(probe, "PLAIN_UNET_PIPELINES", frozenset())  # every pipeline through its own loop
+    torch.testing.assert_close(shortcut, predicted(), rtol=0, atol=0)
+    assert shortcut.shape == shape and float(shortcut.abs().mean()) > 0
+
+
+def test_pipelines_whose_unet_call_is_not_plain_keep_their_own_loop(engine):
+    from fastgen.engine import probe
+    from fastgen.engine.batch import Member
+    from fastgen.engine.monitor import StepMonitor
+    from fastgen.engine.run import Run
+
+    def plain(model: str) -> bool:
+        loaded, _ = engine.pool.get(engine.registry.resolve(model))
+        member = Member(engine.resolve(small(model)))
+        return probe.calls_unet_plainly(loaded, Run(loaded, [member], StepMonitor(4, None, None), engine.settings))
+
+    assert plain("tiny-sd") and not plain("tiny-pixart")
 
 
 def test_a_table_for_another_embedder_leaves_the_cache_on_its_own_policy(engine, tmp_path):
