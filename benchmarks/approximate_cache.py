@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     traces = [] if args.only_shapes else args.trace or sorted(DEFAULT_TRACES.glob("*.jsonl"))
     limits = {name: int(n) for name, n in (item.split("=", 1) for item in args.limit_of)}
     workloads = {path.stem: read_trace(path, limits.get(path.stem, args.limit)) for path in traces}
-    if not args.no_shapes:
+    if not args.no_shapes and args.shapes_limit:  # --shapes-limit 0: the word-level section alone
         workloads["shapes-captions"] = shapes_trace()[: args.shapes_limit]
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="fastgen-bench-")), device="cpu")
     base = Engine(settings)
