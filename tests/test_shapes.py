@@ -195,3 +195,17 @@ def test_scorer_is_right_on_every_large_render_even_where_the_canvas_edge_cuts_t
     for i, scene in enumerate(sc.all_scenes()):
         image = sc.render(scene, 1000 + i, "large")
         assert score(image, sc.caption(scene)).all, (scene, detect(image))
+
+
+def test_a_scene_drawn_on_a_grid_twice_as_fine_scores_as_its_caption_with_the_same_shape_area():
+    # Read at 32x32 (box-downscaled), a 64x64 render's edges blend: 2 of the 450 scenes' circles then read as squares.
+    scenes = sc.all_scenes()
+    scores = [score(sc.render(scene, seed=2000 + i, scale=2), sc.caption(scene)) for i, scene in enumerate(scenes)]
+    assert all(s.color and s.position and s.background for s in scores)
+    assert np.mean([s.shape for s in scores]) >= 0.99
+    assert sc.render(scenes[0], scale=2).shape == (2 * sc.SIZE, 2 * sc.SIZE, 3)
+    plain, large = sc.render(scenes[0], seed=3), sc.render(scenes[0], seed=3, scale=2)
+    shape_pixels = [int((image != image[0, 0]).any(-1).sum()) for image in (plain, large)]  # same seed, same shape
+    assert abs(4 * shape_pixels[0] - shape_pixels[1]) <= 0.15 * shape_pixels[1]
+    with pytest.raises(ValueError, match="scale"):
+        sc.render(scenes[0], scale=0)
