@@ -45,13 +45,7 @@ def caption(scene: MotionScene) -> str:
 
 def parse_caption(text: str) -> MotionScene | None:
     """The moving scene a caption describes, or None when it is not a well-formed motion caption."""
-    match = _CAPTION.match(" ".join(text.strip().lower().split()))
-    if match is None:
-        return None
-    try:
-        return MotionScene(**match.groupdict())
-    except ValueError:
-        return None
+    return sc.parsed(_CAPTION, text, MotionScene)
 
 
 def render(scene: MotionScene, frames: int, seed: int | None = None) -> np.ndarray:
@@ -68,17 +62,13 @@ def render(scene: MotionScene, frames: int, seed: int | None = None) -> np.ndarr
     clip[:] = sc.COLORS[scene.background]
     for i in range(frames):
         cx, cy = start + step * TRAVEL * (i / (frames - 1) - 0.5)
-        clip[i][sc._shape_mask(scene.shape, cx, cy, half)] = sc.COLORS[scene.color]
+        clip[i][sc.shape_mask(scene.shape, cx, cy, half)] = sc.COLORS[scene.color]
     return clip
 
 
 def track(frames) -> np.ndarray:
     """The shape's centroid (x, y) in pixels per frame; NaN where a frame shows no shape."""
-    centroids = []
-    for frame in frames:
-        _, fg, mask = image_score._segment(frame)
-        rows, cols = (np.array([]), np.array([])) if fg is None else np.nonzero(mask)
-        centroids.append((cols.mean() + 0.5, rows.mean() + 0.5) if len(rows) else (np.nan, np.nan))
+    centroids = [image_score.centroid(frame) or (np.nan, np.nan) for frame in frames]
     return np.array(centroids, dtype=np.float64).reshape(-1, 2)
 
 

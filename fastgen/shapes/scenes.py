@@ -14,10 +14,13 @@ stripes at 32x32 (its reconstructions of such renders lose them; docs/ARCHITECTU
 import itertools
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 SIZE = 32
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -75,11 +78,17 @@ def caption(scene: Scene) -> str:
 
 def parse_caption(text: str) -> Scene | None:
     """The scene a caption describes, or None when the text is not a well-formed scene caption."""
-    match = _CAPTION.match(" ".join(text.strip().lower().split()))
+    return parsed(_CAPTION, text, Scene)
+
+
+def parsed(pattern: re.Pattern, text: str, make: Callable[..., T]) -> T | None:
+    """``make`` of the named groups of ``pattern`` in ``text`` (case and spacing aside), or None when the text does
+    not match or its words are not a valid scene."""
+    match = pattern.match(" ".join(text.strip().lower().split()))
     if match is None:
         return None
     try:
-        return Scene(**match.groupdict())
+        return make(**match.groupdict())
     except ValueError:
         return None
 
@@ -106,7 +115,7 @@ def train_scenes(seed: int = SPLIT_SEED) -> list[Scene]:
     return [scene for scene in all_scenes() if scene not in heldout]
 
 
-def _shape_mask(shape: str, cx: float, cy: float, half: float, scale: int = 1) -> np.ndarray:
+def shape_mask(shape: str, cx: float, cy: float, half: float, scale: int = 1) -> np.ndarray:
     # Pixel centres sit at integer + 0.5, in the 32-pixel canvas's units at any scale.
     ys, xs = (np.mgrid[0 : SIZE * scale, 0 : SIZE * scale] + 0.5) / scale
     dx, dy = xs - cx, ys - cy
@@ -147,5 +156,5 @@ def render(scene: Scene, seed: int | None = None, style: str | None = None, scal
         raise ValueError(f"scale: at least 1, got {scale}")
     image = np.empty((SIZE * scale, SIZE * scale, 3), dtype=np.uint8)
     image[:] = COLORS[scene.background]
-    image[_shape_mask(scene.shape, cx, cy, half, scale)] = COLORS[scene.color]
+    image[shape_mask(scene.shape, cx, cy, half, scale)] = COLORS[scene.color]
     return image

@@ -122,11 +122,17 @@ def classify_shape(mask: np.ndarray) -> str | None:
     return "square" if box[corners].mean() >= SQUARE_CORNERS else "circle"
 
 
-def nearest_position(mask: np.ndarray) -> str | None:
+def mask_centroid(mask: np.ndarray) -> tuple[float, float] | None:
+    """A mask's centre (x, y) in pixels, pixel centres at integer + 0.5; None for an empty mask."""
     rows, cols = np.nonzero(mask)
-    if len(rows) == 0:
+    return None if len(rows) == 0 else (float(cols.mean()) + 0.5, float(rows.mean()) + 0.5)
+
+
+def nearest_position(mask: np.ndarray) -> str | None:
+    centre = mask_centroid(mask)
+    if centre is None:
         return None
-    cx, cy = cols.mean() + 0.5, rows.mean() + 0.5
+    cx, cy = centre
     return min(sc.POSITIONS, key=lambda name: (sc.POSITIONS[name][0] - cx) ** 2 + (sc.POSITIONS[name][1] - cy) ** 2)
 
 
@@ -150,6 +156,12 @@ def detect(image) -> Detection:
     if fg is None:
         return Detection(_PALETTE_NAMES[bg], None, None, None)
     return Detection(_PALETTE_NAMES[bg], _PALETTE_NAMES[fg], nearest_position(mask), classify_shape(mask))
+
+
+def centroid(image) -> tuple[float, float] | None:
+    """Where the image's shape is: its centre (x, y) in pixels of the 32x32 canvas; None when no shape is seen."""
+    _, fg, mask = _segment(image)
+    return None if fg is None else mask_centroid(mask)
 
 
 def half_side(image, shape: str) -> float:
