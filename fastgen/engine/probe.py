@@ -56,8 +56,8 @@ def predict(
     monitor = StepMonitor(request.steps, None, None, skipped=state.step)
     run = Run(loaded, [one], monitor, settings, None, library, decode=False)
     table = tuple(a for a in accelerators if a.name not in NOT_IN_PROBES)
-    attached = attach(pipe, run, table)
     one_state = dataclasses.replace(state, latents=state.latents[:1])
+    attached = attach(pipe, run, table)
     try:
         if calls_unet_plainly(loaded, run):
             return unet_prediction(pipe, request.prompt, one_state)
